@@ -1,0 +1,132 @@
+# Shared set-up: schema validation, the resolved config every stage reads, input functions and launchers.
+import json
+import os
+
+import yaml
+from snakemake.utils import validate
+
+
+# Fills schema defaults in place, so `config` below is complete. The lpo stages validate again (lpo/config.py).
+validate(config, schema="../schemas/config.schema.yaml")
+
+NAME = config["experiment"]["name"]
+WORLD = config["experiment"]["world"]
+RES = f"results/{NAME}"
+DATASET = config["download"]["dataset"]
+METHODS = list(config["optimize"]["methods"])
+MODELS = ["base"] + METHODS
+# Shipped weights of the shapes base model (what SD1.5 on the hub is to the real worlds).
+SHIPPED_SHAPES_BASE = "lpo/assets/shapes_base"
+# How rules start Python. PYTHONPATH is inline because Snakemake drops an exported one for conda jobs
+# (ECOSYSTEM.md section 5), and with --use-conda `lpo` itself is not installed in the env.
+PY = f"PYTHONPATH={workflow.basedir} python"
+
+
+def _write_resolved_config():
+    """Every stage reads results/<name>/config.yaml: all --configfile files merged, schema defaults filled.
+
+    It is rewritten only when its content changes, so mtimes stay stable; rules re-run on a change of their
+    own section through `params` (Snakemake's params rerun trigger), not through this file.
+    """
+    path = f"{RES}/config.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    if os.path.exists(path):
+        with open(path) as fh:
+            if fh.read() == text:
+                return path
+    os.makedirs(RES, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+CFG = _write_resolved_config()
+
+
+def section(*names):
+    """A rule's config sections as one JSON string: a change re-runs the rule (params trigger)."""
+    return json.dumps({n: config[n] for n in names}, sort_keys=True)
+
+
+def gpus(rule):
+    return int(config["resources"]["gpus"].get(rule, 0))
+
+
+def launcher(rule):
+    """`python` for one process; `accelerate launch` with one process per GPU when the config asks for >1."""
+    n = gpus(rule)
+    if n > 1:
+        return (
+            f"PYTHONPATH={workflow.basedir} accelerate launch --config_file config/accelerate/ddp.yaml"
+            f" --num_processes {n} -m lpo"
+        )
+    return f"{PY} -m lpo"
+
+
+def stage_cmd(stage, rule=None):
+    """The command that starts an lpo stage on the resolved config (one process, or accelerate for >1 GPU)."""
+    return f"{launcher(rule or stage)} {stage} --config {CFG}"
+
+
+def mem_mb(rule, default=4000):
+    return int(config["resources"]["mem_mb"].get(rule, default))
+
+
+def runtime(rule, default=60):
+    return int(config["resources"]["runtime"].get(rule, default))
+
+
+def base_inputs(wildcards):
+    """The `base` rule's weights: shipped shapes weights, a pretrain_base run, or nothing (hub/local folder)."""
+    if config["backbone"]["preset"] != "shapes-tiny":
+        return []
+    if config["backbone"]["shapes_base"] == "pretrain":
+        return [f"{RES}/pretrain/weights"]
+    return [SHIPPED_SHAPES_BASE]
+
+
+def download_inputs(wildcards):
+    if config["download"]["source"] == "shapes":
+        return {"base": f"{RES}/base", "world": f"{RES}/world"}
+    return {}
+
+
+def policy_dir(model):
+    return f"{RES}/base" if model == "base" else f"{RES}/policy/{model}"
+
+
+def final_targets():
+    """The default targets (`all`): the report, which pulls in every stage."""
+    return [f"{RES}/report.md"]
+
+
+def optimize_inputs(wildcards):
+    """Each method's inputs: LPO needs the LRM and thresholds, SPO its pixel model, DPO the latent shards."""
+    inputs = {"base": f"{RES}/base"}
+    if wildcards.method == "lpo":
+        inputs |= {"lrm": f"{RES}/lrm/model", "thresholds": f"{RES}/calibration/thresholds.json"}
+    elif wildcards.method == "spo":
+        inputs |= {"spm": f"{RES}/spm/model"}
+    else:
+        inputs |= {"latents": f"{RES}/latents"}
+    if WORLD == "shapes":
+        inputs |= {"world": f"{RES}/world"}
+    else:
+        inputs |= {"data": f"data/{DATASET}"}
+    return inputs
+
+
+def prompt_source(wildcards):
+    """Held-out prompts: the shapes world's test split, or the downloaded test split of a real dataset."""
+    return f"{RES}/world" if WORLD == "shapes" else f"data/{DATASET}"
+
+
+def report_inputs(wildcards):
+    inputs = {
+        "metrics": expand(f"{RES}/eval/{{model}}/metrics.json", model=MODELS),
+        "lrm_accuracy": f"{RES}/lrm/accuracy.json",
+        "thresholds": f"{RES}/calibration/thresholds.json",
+    }
+    return inputs

@@ -1,0 +1,44 @@
+# Evaluation of every model on held-out prompts with the same seeds, and the report.
+
+
+rule evaluate:
+    input:
+        model=lambda wildcards: policy_dir(wildcards.model),
+        base=f"{RES}/base",
+        prompts=prompt_source,
+        lrm=f"{RES}/lrm/model",
+    output:
+        metrics=f"{RES}/eval/{{model}}/metrics.json",
+        per_prompt=f"{RES}/eval/{{model}}/per_prompt.jsonl",
+        samples=f"{RES}/eval/{{model}}/samples.npz",
+    log:
+        f"{RES}/logs/evaluate_{{model}}.log",
+    benchmark:
+        f"{RES}/benchmarks/evaluate_{{model}}.tsv"
+    params:
+        cmd=stage_cmd("evaluate"),
+        section=section("evaluate"),
+        outdir=lambda wildcards, output: os.path.dirname(output.metrics),
+    resources:
+        gpu=gpus("evaluate"),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --model {input.model} --base {input.base} --prompts {input.prompts}"
+        " --lrm {input.lrm} --out {params.outdir} > {log} 2>&1"
+
+
+rule report:
+    input:
+        unpack(report_inputs),
+    output:
+        report=f"{RES}/report.md",
+    log:
+        f"{RES}/logs/report.log",
+    params:
+        cmd=stage_cmd("report"),
+        res=lambda wildcards, output: os.path.dirname(output.report),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --results {params.res} --out {output.report} > {log} 2>&1"

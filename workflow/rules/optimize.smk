@@ -1,0 +1,28 @@
+# Preference optimisation: LPO (the method), SPO and Diffusion-DPO (the baselines), one rule for all three.
+
+
+rule optimize:
+    input:
+        unpack(optimize_inputs),
+    output:
+        directory(f"{RES}/policy/{{method}}"),
+    log:
+        f"{RES}/logs/optimize_{{method}}.log",
+    benchmark:
+        f"{RES}/benchmarks/optimize_{{method}}.tsv"
+    params:
+        cmd=stage_cmd("optimize"),
+        section=section("optimize", "calibrate"),
+        extra=lambda wildcards, input: " ".join(
+            f"--{key} {input[key]}" for key in ("lrm", "thresholds", "spm", "latents", "world", "data") if key in input.keys()
+        ),
+        workdir=f"{RES}/optimize/{{method}}",
+    resources:
+        gpu=gpus("optimize"),
+        mem_mb=mem_mb("optimize"),
+        runtime=runtime("optimize"),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --method {wildcards.method} --base {input.base} {params.extra}"
+        " --workdir {params.workdir} --out {output} > {log} 2>&1"

@@ -1,0 +1,108 @@
+# Reward models: the latent reward model (LRM), its evaluation and threshold calibration; SPO's pixel model.
+
+
+rule train_lrm:
+    input:
+        latents=f"{RES}/latents",
+        base=f"{RES}/base",
+    output:
+        directory(f"{RES}/lrm/model"),
+    log:
+        f"{RES}/logs/train_lrm.log",
+    benchmark:
+        f"{RES}/benchmarks/train_lrm.tsv"
+    params:
+        cmd=stage_cmd("train_lrm"),
+        section=section("lrm", "train_lrm"),
+        workdir=lambda wildcards, output: os.path.dirname(output[0]),
+    resources:
+        gpu=gpus("train_lrm"),
+        mem_mb=mem_mb("train_lrm"),
+        runtime=runtime("train_lrm"),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --latents {input.latents} --base {input.base}"
+        " --out {params.workdir} > {log} 2>&1"
+
+
+rule eval_lrm:
+    input:
+        model=f"{RES}/lrm/model",
+        latents=f"{RES}/latents",
+    output:
+        accuracy=f"{RES}/lrm/accuracy.json",
+        plot=report(
+            f"{RES}/lrm/accuracy_by_t.png",
+            caption="../report/lrm_accuracy.rst",
+            category="Reward model",
+        ),
+    log:
+        f"{RES}/logs/eval_lrm.log",
+    benchmark:
+        f"{RES}/benchmarks/eval_lrm.tsv"
+    params:
+        cmd=stage_cmd("eval_lrm"),
+        section=section("eval_lrm"),
+        spm=f"--spm {RES}/spm/model" if "spo" in METHODS else "",
+    resources:
+        gpu=gpus("eval_lrm"),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --model {input.model} --latents {input.latents} {params.spm}"
+        " --out {output.accuracy} --plot {output.plot} > {log} 2>&1"
+
+
+rule calibrate:
+    input:
+        lrm=f"{RES}/lrm/model",
+        accuracy=f"{RES}/lrm/accuracy.json",
+        base=f"{RES}/base",
+        prompts=prompt_source,
+    output:
+        thresholds=f"{RES}/calibration/thresholds.json",
+        plot=report(
+            f"{RES}/calibration/thresholds.png",
+            caption="../report/thresholds.rst",
+            category="Reward model",
+        ),
+    log:
+        f"{RES}/logs/calibrate.log",
+    benchmark:
+        f"{RES}/benchmarks/calibrate.tsv"
+    params:
+        cmd=stage_cmd("calibrate"),
+        section=section("calibrate", "optimize"),
+    resources:
+        gpu=gpus("calibrate"),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --lrm {input.lrm} --accuracy {input.accuracy} --base {input.base}"
+        " --prompts {input.prompts} --out {output.thresholds} --plot {output.plot} > {log} 2>&1"
+
+
+rule train_spm:
+    input:
+        latents=f"{RES}/latents",
+        base=f"{RES}/base",
+    output:
+        directory(f"{RES}/spm/model"),
+    log:
+        f"{RES}/logs/train_spm.log",
+    benchmark:
+        f"{RES}/benchmarks/train_spm.tsv"
+    params:
+        cmd=stage_cmd("train_spm"),
+        section=section("train_spm"),
+        workdir=lambda wildcards, output: os.path.dirname(output[0]),
+    resources:
+        gpu=gpus("train_spm"),
+        mem_mb=mem_mb("train_spm"),
+        runtime=runtime("train_spm"),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --latents {input.latents} --base {input.base}"
+        " --out {params.workdir} > {log} 2>&1"
