@@ -82,12 +82,21 @@ class WorldConfig:
     val_fraction: float = _f(0.1, "Share of prompt triples in the val split.")
     test_fraction: float = _f(0.2, "Share of prompt triples in the test split (held out of pretraining too).")
     split_seed: int = _f(0, "Seed of the triple split (independent of experiment.seed, so splits stay fixed).")
+    blur_sigma: list[float] = _f([0.8, 1.6], "Flaw 'blur': Gaussian blur sigma in pixels, drawn per image [min, max].")
+    noise_std: list[float] = _f(
+        [0.04, 0.1], "Flaw 'noise': std of Gaussian pixel noise (intensities in [0, 1]), drawn per image [min, max]."
+    )
+    contrast_factor: list[float] = _f(
+        [0.35, 0.55], "Flaw 'low_contrast': pixels move to 0.5 + k (x - 0.5), k drawn per image [min, max]."
+    )
 
 
 @dataclass(frozen=True)
 class AnnotatorConfig:
     quality_weight: float = _f(0.5, "lambda in r = alignment + lambda * quality.")
-    temperature: float = _f(0.3, "tau in P(A > B) = sigmoid((r_A - r_B) / tau).")
+    temperature: float = _f(
+        0.1, "tau in P(A > B) = sigmoid((r_A - r_B) / tau); one wrong attribute (a reward gap of 1/3) wins 97% at 0.1."
+    )
     tie_margin: float = _f(0.05, "delta: |r_A - r_B| < delta is labelled a tie (0.5, 0.5).")
 
 
@@ -102,7 +111,7 @@ class SynthesizeConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    vae_steps: int = _f(400, "VAE training steps.")
+    vae_steps: int = _f(300, "VAE training steps.")
     vae_batch_size: int = _f(64, "VAE batch size.")
     vae_lr: float = _f(2e-3, "VAE learning rate (AdamW).")
     vae_kl_weight: float = _f(1e-6, "KL weight of the VAE loss.")
@@ -124,7 +133,10 @@ class DownloadConfig:
     repo_id: Optional[str] = _f(None, "pickapic: hub dataset id (v1 and v2 vanished from their original ids).")
     revision: Optional[str] = _f(None, "pickapic: hub revision.")
     mirror: Optional[str] = _f(None, "pickapic: local folder of Pick-a-Pic parquet files (takes precedence).")
-    splits: list[str] = _f(["train", "validation_unique", "test_unique"], "pickapic: splits to fetch.")
+    splits: list[str] = _f(
+        ["train", "validation_unique", "test_unique"],
+        "pickapic: splits to fetch (hub names; train, val, test also work for a mirror of our own files).",
+    )
     max_pairs: Optional[int] = _f(None, "pickapic: cap on rows per split (None = all).")
     n_train_prompts: int = _f(2500, "shapes: number of train-split prompt draws (one pair each).")
     n_val_prompts: int = _f(300, "shapes: pairs for the val split.")
@@ -137,16 +149,20 @@ class DownloadConfig:
 @dataclass(frozen=True)
 class MpcfConfig:
     strategy: Literal["none", "1", "2", "3"] = _f("2", "MPCF strategy of METHOD.md section 2 (2 is the paper's).")
-    keep_ties: bool = _f(True, "Keep tie pairs that pass the tie rule.")
+    keep_ties: bool = _f(True, "Keep tie pairs (every split; on train they must also pass the MPCF tie rule).")
 
 
 @dataclass(frozen=True)
 class LatentsConfig:
-    batch_size: int = _f(64, "VAE encoding batch size.")
+    batch_size: int = _f(64, "VAE encoding batch size in images (two per pair).")
     samples_per_shard: int = _f(500, "Target pairs per shard (the count is rounded up to a multiple of world x workers).")
     world_size: int = _f(1, "Ranks that will read the shards (the shard count is a multiple of world_size x workers).")
     num_workers: int = _f(1, "DataLoader workers per rank.")
-    resolution: Optional[int] = _f(None, "Resize images to this side before encoding (None = backbone default).")
+    resolution: Optional[int] = _f(
+        None, "Resize images to this side before encoding (None = the base model's: U-Net sample_size x VAE factor)."
+    )
+    dtype: Literal["float16", "float32"] = _f("float16", "Storage dtype of the posterior mean and std in the shards.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where the VAE encodes (auto = cuda when available).")
     mpcf: MpcfConfig = _f(MpcfConfig(), "Multi-preference consistent filtering.")
 
 
@@ -190,6 +206,7 @@ class CalibrateConfig:
     chance_margin: float = _f(0.0, "Timesteps whose LRM accuracy CI lower bound is <= 0.5 + margin are not trained.")
     n_prompts: int = _f(64, "rollout: calibration prompts.")
     precision: float = _f(0.8, "rollout: target agreement of the LRM's best/worst with the judge.")
+    min_pairs: int = _f(30, "rollout: fewest kept pairs a timestep's threshold may rest on (fewer: no threshold).")
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def pytest_configure(config):
+    # Tiny models are dominated by per-op overhead: one thread is faster than two, and keeps parallel test
+    # processes (e.g. the 2-process accelerate tests) from oversubscribing the cores.
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass

@@ -89,7 +89,7 @@ def base_inputs(wildcards):
 
 def download_inputs(wildcards):
     if config["download"]["source"] == "shapes":
-        return {"base": f"{RES}/base", "world": f"{RES}/world"}
+        return {"base": f"{RES}/base"}
     return {}
 
 

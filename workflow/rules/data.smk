@@ -72,7 +72,7 @@ rule download:
     params:
         cmd=stage_cmd("download"),
         section=section("download", "annotator"),
-        base=lambda wildcards, input: f"--base {input.base} --world {input.world}" if "base" in input.keys() else "",
+        base=lambda wildcards, input: f"--base {input.base}" if "base" in input.keys() else "",
     resources:
         gpu=gpus("download"),
     conda:

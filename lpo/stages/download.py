@@ -1,0 +1,55 @@
+"""Stage `download`: preference pairs in the Pick-a-Pic parquet schema -> data/<dataset>/.
+
+download.source = "pickapic": the real Pick-a-Pic v1 files from a local mirror or the hub
+(lpo.data.pickapic.download_pickapic); "shapes": pairs sampled from the shapes base model and labelled by the
+simulated annotator (lpo.stages.download_shapes, which needs the base model folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lpo.config import Config, load_config
+from lpo.data.pickapic import download_pickapic
+from lpo.utils import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, out_dir: str | Path, base_dir: Optional[str | Path] = None) -> dict:
+    """Fetch or make the pairs of `cfg.download.source` into `out_dir`; returns that source's summary."""
+    source = cfg.download.source
+    log.info("download: source %s -> %s", source, out_dir)
+    if source == "pickapic":
+        return download_pickapic(cfg.download, out_dir)
+    if source == "shapes":
+        if base_dir is None:
+            raise ValueError("download: source 'shapes' samples pairs from the base model; pass base_dir (--base)")
+        from lpo.stages import download_shapes  # imported here: it pulls in the shapes world and diffusers
+
+        return download_shapes.run(cfg, out_dir, base_dir)
+    raise ValueError(f"download.source: unknown source {source!r}")  # the config's Literal makes this a bug
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lpo.stages.download", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", action="append", required=True, help="config YAML (repeat to merge)")
+    parser.add_argument("--out", required=True, help="output folder, data/<dataset>/")
+    parser.add_argument("--base", default=None, help="base model folder (shapes source only)")
+    args = parser.parse_args(argv)
+    setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
+    cfg = load_config(*args.config)
+    run(cfg, args.out, args.base)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
