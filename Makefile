@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup experiment smoke test test-slow lint schema clean-venv
+.PHONY: setup experiment smoke test test-slow lint schema clean-venv ship-base
 
 setup: $(VENV)/.installed
 
@@ -44,3 +44,11 @@ schema: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+## Re-ship the shapes base model from a pretrain_base run (see lpo/assets/shapes_base/README.md)
+RUN ?= results/shapes/pretrain
+ship-base:
+	rm -rf lpo/assets/shapes_base.new && mkdir -p lpo/assets/shapes_base.new
+	cp -r $(RUN)/weights/unet $(RUN)/weights/vae $(RUN)/metrics.json lpo/assets/shapes_base.new/
+	cp lpo/assets/shapes_base/README.md lpo/assets/shapes_base.new/ 2>/dev/null || true
+	rm -rf lpo/assets/shapes_base && mv lpo/assets/shapes_base.new lpo/assets/shapes_base
