@@ -182,12 +182,27 @@ class TrainLrmConfig:
     head_lr: float = _f(1e-3, "Learning rate of the projections and logit scale.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     warmup_steps: int = _f(100, "Linear warmup steps.")
-    grad_clip: float = _f(1.0, "Gradient norm clip.")
-    timesteps: Literal["ddim_grid", "uniform"] = _f("ddim_grid", "Training timestep distribution.")
+    grad_clip: float = _f(1.0, "Gradient norm clip (0 disables).")
+    timesteps: Literal["ddim_grid", "uniform"] = _f(
+        "ddim_grid", "Training timestep distribution: the backbone's DDIM grid (official code) or uniform on [0, T)."
+    )
     ddim_steps: int = _f(20, "Grid size for timesteps=ddim_grid (and eval_lrm).")
     high_t_weight: float = _f(1.0, "Sampling weight multiplier for the upper half of the timestep range.")
     eval_every: int = _f(200, "Validation (and best-checkpoint selection) every N steps.")
+    val_timesteps: int = _f(
+        4, "Validation timesteps: this many points of the DDIM grid, evenly spaced, the lowest and highest included."
+    )
+    select_by: Literal["mean", "lowest_t"] = _f(
+        "mean",
+        "Best checkpoint by the validation accuracy averaged over val_timesteps, or at the lowest t only (the paper).",
+    )
+    patience: Optional[int] = _f(
+        None, "Stop after this many validations without improvement (None = never; the log says it either way)."
+    )
     checkpoint_every: int = _f(200, "Resumable checkpoint every N steps.")
+    keep_checkpoints: int = _f(2, "Resumable checkpoints kept (the newest ones).")
+    text_cache_size: int = _f(4096, "Frozen text encoder: text encodings cached per caption (least recently used dropped).")
+    num_workers: int = _f(0, "DataLoader workers per process reading the shards (0 = in the training process).")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision.")
     gradient_checkpointing: bool = _f(False, "U-Net gradient checkpointing (real scale).")
 
@@ -195,7 +210,8 @@ class TrainLrmConfig:
 @dataclass(frozen=True)
 class EvalLrmConfig:
     batch_size: int = _f(128, "Pairs per forward.")
-    bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals.")
+    bootstrap: int = _f(1000, "Bootstrap resamples (over prompts) for the interval of the grid-mean accuracy.")
+    chance_margin: float = _f(0.0, "A timestep is above chance when its Wilson 95% lower bound exceeds 0.5 + margin.")
 
 
 @dataclass(frozen=True)
@@ -207,6 +223,13 @@ class CalibrateConfig:
     n_prompts: int = _f(64, "rollout: calibration prompts.")
     precision: float = _f(0.8, "rollout: target agreement of the LRM's best/worst with the judge.")
     min_pairs: int = _f(30, "rollout: fewest kept pairs a timestep's threshold may rest on (fewer: no threshold).")
+    ties: Literal["disagree", "exclude"] = _f(
+        "disagree",
+        "rollout: judge ties (|r_w - r_l| < annotator.tie_margin) count as disagreement, or are left out of the "
+        "agreement (they are still counted in the kept share).",
+    )
+    batch_size: int = _f(256, "rollout: children per U-Net / LRM / VAE batch (all K x prompts of a step, chunked).")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "rollout: where the models run (auto = cuda when available).")
 
 
 @dataclass(frozen=True)
@@ -221,22 +244,24 @@ class OptimizeConfig:
     methods: list[Literal["lpo", "spo", "dpo"]] = _f(["lpo", "spo", "dpo"], "Methods the experiment runs.")
     iterations: int = _f(200, "Rollout iterations (lpo/spo) or optimiser steps (dpo).")
     prompts_per_iteration: int = _f(16, "Prompts sampled per rollout iteration (per process).")
-    num_children: int = _f(4, "K children per step.")
+    num_children: int = _f(4, "K children per step (>= 2: a best and a worst).")
     ddim_steps: int = _f(20, "Sampling steps.")
-    eta: float = _f(1.0, "DDIM eta of the branching sampler.")
+    eta: float = _f(1.0, "DDIM eta of the branching sampler, in (0, 1] (children differ only by the step noise).")
     cfg: float = _f(4.0, "CFG scale of sampling and of the trained policy.")
     beta: float = _f(500.0, "beta of the step-level DPO loss (LPO).")
     clip_eps: float = _f(0.1, "Ratio clip epsilon.")
     lr: float = _f(3e-4, "Learning rate (AdamW).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")
-    grad_clip: float = _f(1.0, "Gradient norm clip.")
-    train_batch_size: int = _f(32, "Tuples per optimiser step.")
-    full_finetune: bool = _f(False, "Train all U-Net weights instead of LoRA.")
+    grad_clip: float = _f(1.0, "Gradient norm clip (0 disables).")
+    train_batch_size: int = _f(32, "Tuples per optimiser step (one pass over each rollout's shared tuples).")
+    full_finetune: bool = _f(
+        False, "Train all U-Net weights instead of LoRA (the reference is then a frozen copy: one more U-Net in memory)."
+    )
     lora: LoraConfig = _f(LoraConfig(), "LoRA through peft.")
     lrm_timestep: Literal["parent", "child"] = _f("parent", "Timestep given to the LRM (official code: parent).")
-    t_min: int = _f(0, "Train only at timesteps >= t_min.")
-    t_max: int = _f(1000, "Train only at timesteps <= t_max.")
-    checkpoint_every: int = _f(50, "Resumable checkpoint every N iterations.")
+    t_min: int = _f(0, "Train only at (parent) timesteps >= t_min.")
+    t_max: int = _f(1000, "Train only at (parent) timesteps <= t_max.")
+    checkpoint_every: int = _f(50, "Resumable checkpoint every N iterations (and at the end).")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision.")
     gradient_checkpointing: bool = _f(False, "U-Net gradient checkpointing.")
     spo_beta: float = _f(10.0, "SPO: beta (METHOD.md: 10).")
@@ -254,6 +279,23 @@ class TrainSpmConfig:
     weight_decay: float = _f(0.3, "AdamW weight decay.")
     cfg: float = _f(4.0, "CFG of the one base-model step that gives x0-hat.")
     t_max: int = _f(1000, "Train on t ~ U{0..t_max-1}.")
+    grad_clip: float = _f(1.0, "Gradient norm clip (0 disables).")
+    eval_every: int = _f(200, "Validation (and best-model selection) every N steps, and at the last step.")
+    eval_timesteps: list[int] = _f(
+        [0, 251, 501, 701, 951],
+        "Timesteps of the validation accuracy (SPO's SPM evaluation set); the best model has the highest mean.",
+    )
+    checkpoint_every: int = _f(200, "Resumable checkpoint every N steps.")
+    channels: list[int] = _f(
+        [32, 64, 128], "shapes (small SPM): conv widths, one time-modulated residual block each, 2x down between."
+    )
+    proj_dim: Optional[int] = _f(None, "shapes: width of the image/text projections (None = the text width, 384).")
+    logit_scale_init: float = _f(2.6592, "shapes: initial log score temperature (CLIP's, as the LRM).")
+    pickscore: Optional[str] = _f(
+        None,
+        "Real worlds: local folder of the PickScore-style CLIPModel the SPM starts from (e.g. a download of "
+        "yuvalkirstain/PickScore_v1); required there, null for shapes.",
+    )
 
 
 @dataclass(frozen=True)
@@ -264,8 +306,19 @@ class EvaluateConfig:
     cfg: float = _f(4.0, "CFG scale.")
     batch_size: int = _f(256, "Sampling batch size.")
     bootstrap: int = _f(1000, "Bootstrap resamples over prompts for the 95% intervals.")
-    grid_prompts: int = _f(8, "Rows of the image grid.")
-    scorers: dict[str, str] = _f({}, "Real worlds: scorer name -> local weights folder (pickscore, hpsv2, ...).")
+    grid_prompts: int = _f(8, "Rows of the report's image grid (the first prompts of the evaluation).")
+    samples_prompts: Optional[int] = _f(
+        None, "Prompts whose images samples.npz keeps (None = all; a 512 px image takes 0.8 MB, so cap it for SD)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where sampling and scoring run (auto = cuda when available).")
+    scorers: dict[str, str] = _f(
+        {},
+        "Image scorers (lpo.metrics.scorers.SCORERS): name -> local weights folder; pickscore, clip_score and "
+        "aesthetic are implemented, hpsv2, hpsv2.1 and imagereward need packages not installed here.",
+    )
+    primary_metric: Optional[str] = _f(
+        None, "Metric of the report's quality-per-compute table (None = exact match in shapes, else the first scorer)."
+    )
 
 
 @dataclass(frozen=True)
