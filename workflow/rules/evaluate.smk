@@ -31,8 +31,34 @@ rule evaluate:
 rule report:
     input:
         unpack(report_inputs),
+        samples=expand(f"{RES}/eval/{{model}}/samples.npz", model=MODELS),
     output:
         report=f"{RES}/report.md",
+        metrics=report(
+            f"{RES}/figures/metrics.png",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+        ),
+        table=report(
+            f"{RES}/figures/metrics_table.png",
+            caption="../report/metrics_table.rst",
+            category="Evaluation",
+        ),
+        grid=report(
+            f"{RES}/figures/grid.png",
+            caption="../report/grid.rst",
+            category="Evaluation",
+        ),
+        curves=report(
+            f"{RES}/figures/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Training",
+        ),
+        compute=report(
+            f"{RES}/figures/compute.png",
+            caption="../report/compute.rst",
+            category="Compute",
+        ),
     log:
         f"{RES}/logs/report.log",
     params:

@@ -1,0 +1,260 @@
+"""Stage `optimize`: fine-tune the base model with one preference-optimisation method (lpo | spo | dpo).
+
+    lpo optimize --config CFG --method lpo --base DIR --lrm DIR --thresholds JSON (--world DIR | --data DIR)
+                 --workdir DIR --out DIR
+
+Prompts: the shapes world's train-split prompts (--world: results/<name>/world/prompts.json), or the train
+split captions of the downloaded Pick-a-Pic parquet files (--data). Each method is one module with a
+:class:`lpo.methods.Method` (``check`` before any compute, then ``train``), registered in ``METHODS`` below.
+
+Outputs:
+- --out: a complete diffusers pipeline folder with the trained U-Net merged (what `evaluate` loads with
+  ``lpo.backbones.load_pipeline_folder``), and for LoRA a lora/ subfolder in diffusers' LoRA format
+  (``pipe.load_lora_weights(out/"lora")`` on the base pipeline gives the same model);
+- --workdir: checkpoints/state.pt (resume after kill: rerun the same command), tb/ (TensorBoard: loss,
+  implicit accuracy, kept pairs per timestep bucket), summary.json (settings, kept pairs, loss, per-step cost).
+
+Runs on one process or under ``accelerate launch`` (each process samples its own prompts; kept tuples are
+shared out equally, see lpo/methods/lpo.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import pyarrow.parquet as pq
+import torch
+
+from lpo.backbones import BackboneError, load_pipeline_folder
+from lpo.config import Config, ConfigError, load_config, to_dict
+from lpo.data.pickapic import SPLIT_NAMES, split_from_filename
+from lpo.methods import Method, MethodInputs
+from lpo.methods import lpo as lpo_method
+from lpo.policy import WEIGHT_DTYPES, build_policy, check_policy_config
+from lpo.utils import atomic_dir, read_json, seed_everything, setup_logging, write_json
+
+log = logging.getLogger("lpo.optimize")
+
+LORA_SUBDIR = "lora"
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def _not_available(name: str, module: str) -> Method:
+    """A registry entry for a method whose module is not written yet: a clear error before any compute."""
+
+    def refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
+        raise ConfigError(f"optimize: method {name!r} is not available yet ({module} is not registered in "
+                          f"lpo.stages.optimize.METHODS); use --method lpo, or drop {name!r} from optimize.methods")
+
+    return Method(check=refuse, train=refuse)
+
+
+# method name -> Method (the CLI's --method choices come from here)
+METHODS: dict[str, Method] = {
+    "lpo": Method(check=lpo_method.check_inputs, train=lpo_method.train),
+    "spo": _not_available("spo", "lpo/methods/spo.py"),
+    "dpo": _not_available("dpo", "lpo/methods/dpo.py"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------------
+
+
+def world_prompts(world_dir: Path) -> list[str]:
+    """The shapes world's train-split prompts (synthesize's prompts.json)."""
+    path = Path(world_dir) / "prompts.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing (run the synthesize rule first)")
+    doc = read_json(path)
+    prompts = doc.get("train", {}).get("prompts") if isinstance(doc, dict) else None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{path}: train.prompts: expected a list of strings")
+    return prompts
+
+
+def data_prompts(data_dir: Path) -> list[str]:
+    """Distinct train-split captions of the Pick-a-Pic parquet files in `data_dir`, sorted (reproducible).
+
+    The split is the file's `split` column, else its hub-style file-name prefix (lpo.data.pickapic).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ConfigError(f"{data_dir}: data folder not found (run the download rule first)")
+    files = sorted(data_dir.rglob("*.parquet"))
+    if not files:
+        raise ConfigError(f"{data_dir}: no parquet files")
+    captions: set[str] = set()
+    for path in files:
+        names = pq.read_schema(path).names
+        if "caption" not in names:
+            raise ConfigError(f"{path}: no 'caption' column (not a Pick-a-Pic file)")
+        if "split" in names:
+            table = pq.read_table(path, columns=["caption", "split"]).to_pydict()
+            captions.update(c for c, s in zip(table["caption"], table["split"]) if SPLIT_NAMES.get(s) == "train")
+        elif split_from_filename(path) == "train":
+            captions.update(pq.read_table(path, columns=["caption"]).to_pydict()["caption"])
+    return sorted(c for c in captions if isinstance(c, str) and c.strip())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------------------
+
+
+def path_signature(path: Optional[Path]) -> Optional[list]:
+    """(relative path, size, mtime) of every file under `path`: cheap, and changes when an upstream rule reruns."""
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def run_fingerprint(cfg: Config, method: str, inputs: MethodInputs) -> dict:
+    """What a checkpoint in the work folder must have been trained with to be resumed: the method, the seed,
+    the optimize section (except the budget keys iterations and checkpoint_every) and the inputs' files."""
+    section = {k: v for k, v in to_dict(cfg.optimize).items() if k not in ("iterations", "checkpoint_every")}
+    paths = {"base": inputs.base_dir, "lrm": inputs.lrm_dir, "thresholds": inputs.thresholds, "spm": inputs.spm_dir,
+             "latents": inputs.latents_dir, "world": inputs.world_dir, "data": inputs.data_dir}
+    return {"method": method, "seed": cfg.experiment.seed, "optimize": section,
+            "inputs": {k: path_signature(v) for k, v in paths.items() if v is not None}}
+
+
+def prepare_workdir(workdir: Path, fingerprint: dict) -> None:
+    """Keep a checkpoint only if it was made by this very configuration; otherwise start over (a changed
+    config or input makes Snakemake rerun the rule, and resuming would mix two runs or skip training)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = workdir / FINGERPRINT_FILE
+    old = read_json(stamp) if stamp.is_file() else None
+    current = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from JSON
+    if old is not None and old != current:
+        changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
+        if old.get("optimize") != current.get("optimize"):
+            changed += sorted(k for k in current["optimize"] if old.get("optimize", {}).get(k) != current["optimize"][k])
+        log.warning("%s: the checkpoint was made with other settings or inputs (%s differ); starting over",
+                    workdir, ", ".join(changed))
+        for name in ("checkpoints", "tb"):
+            shutil.rmtree(workdir / name, ignore_errors=True)
+    write_json(stamp, current)
+
+
+def make_accelerator(cfg: Config) -> Any:
+    """The run's Accelerator; without CUDA it is a CPU one (gloo), so `accelerate launch` of several CPU
+    processes forms a MULTI_CPU group instead of independent single-process runs."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.optimize.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def run(
+    cfg: Config,
+    method: str,
+    base_dir: str | Path,
+    workdir: str | Path,
+    out_dir: str | Path,
+    *,
+    world_dir: Optional[str | Path] = None,
+    data_dir: Optional[str | Path] = None,
+    lrm_dir: Optional[str | Path] = None,
+    thresholds: Optional[str | Path] = None,
+    spm_dir: Optional[str | Path] = None,
+    latents_dir: Optional[str | Path] = None,
+    accelerator: Any = None,
+) -> dict:
+    """Train `method` on the base pipeline folder and write --out (merged pipeline + lora/) and --workdir.
+
+    Every input check (method, folders, prompts, the method's own list) runs before any model is loaded.
+    A checkpoint in workdir is resumed. Returns the method's summary.
+    """
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ConfigError(f"optimize: unknown method {method!r} (choose from {', '.join(METHODS)})")
+    base_dir, workdir, out_dir = Path(base_dir), Path(workdir), Path(out_dir)
+    if not (base_dir / "model_index.json").is_file():
+        raise ConfigError(f"{base_dir}: not a pipeline folder (no model_index.json; run the base rule first)")
+    if (world_dir is None) == (data_dir is None):
+        raise ConfigError("optimize: give exactly one prompt source, --world (shapes) or --data (real worlds)")
+    prompts = world_prompts(Path(world_dir)) if world_dir is not None else data_prompts(Path(data_dir))
+    if not prompts:
+        raise ConfigError(f"{world_dir or data_dir}: no train-split prompts")
+    path = lambda p: None if p is None else Path(p)  # noqa: E731
+    inputs = MethodInputs(base_dir=base_dir, prompts=tuple(prompts), lrm_dir=path(lrm_dir),
+                          thresholds=path(thresholds), spm_dir=path(spm_dir), latents_dir=path(latents_dir),
+                          world_dir=path(world_dir), data_dir=path(data_dir))
+    check_policy_config(cfg.optimize)
+    METHODS[method].check(cfg, inputs)
+
+    accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
+    seed_everything(cfg.experiment.seed)  # the same on every process: identical LoRA init
+    try:
+        backbone = load_pipeline_folder(base_dir)
+    except BackboneError as err:
+        raise ConfigError(str(err)) from None
+    weight_dtype = WEIGHT_DTYPES[cfg.optimize.mixed_precision]
+    policy = build_policy(backbone, cfg.optimize, weight_dtype)
+    if accelerator.is_main_process:
+        prepare_workdir(workdir, run_fingerprint(cfg, method, inputs))
+        write_json(workdir / "config.json", {"method": method, "config": to_dict(cfg),
+                                             "inputs": {k: v for k, v in vars(inputs).items() if k != "prompts"},
+                                             "n_prompts": len(prompts)})
+    accelerator.wait_for_everyone()  # every process sees the prepared work folder
+    log.info("optimize %s: %d train prompts, %d process(es), base %s", method, len(prompts),
+             accelerator.num_processes, base_dir)
+
+    summary = METHODS[method].train(cfg, policy, inputs, workdir, accelerator)
+
+    if accelerator.is_main_process:
+        info = {"method": method, "base": str(base_dir), "policy": policy.mode,
+                "lora": LORA_SUBDIR if policy.mode == "lora" else None}
+        with atomic_dir(out_dir) as tmp:
+            policy.save_merged(tmp, info=info)  # the pipeline files at the top of --out
+            if policy.mode == "lora":
+                policy.save_lora(tmp / LORA_SUBDIR)
+        log.info("optimize %s: wrote %s in %.1f s", method, out_dir, time.perf_counter() - start)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="lpo optimize", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", action="append", required=True, metavar="PATH",
+                        help="config YAML; repeat to deep-merge several (later ones win)")
+    parser.add_argument("--method", required=True, choices=list(METHODS), help="preference-optimisation method")
+    parser.add_argument("--base", required=True, metavar="DIR", help="base pipeline folder (results/<name>/base)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--world", metavar="DIR", help="shapes: synthesize output (train-split prompts)")
+    source.add_argument("--data", metavar="DIR", help="real worlds: downloaded parquet folder (train captions)")
+    parser.add_argument("--lrm", metavar="DIR", help="lpo: LRM folder (train_lrm output)")
+    parser.add_argument("--thresholds", metavar="JSON", help="lpo: calibrate's thresholds.json")
+    parser.add_argument("--spm", metavar="DIR", help="spo: step-aware pixel reward model folder")
+    parser.add_argument("--latents", metavar="DIR", help="dpo: latent shards folder")
+    parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints/, tb/, summary.json")
+    parser.add_argument("--out", required=True, metavar="DIR", help="merged pipeline folder (+ lora/)")
+    args = parser.parse_args(argv)
+    cfg = load_config(*args.config)
+    accelerator = make_accelerator(cfg)
+    setup_logging(accelerator.is_main_process)
+    try:
+        summary = run(cfg, args.method, args.base, args.workdir, args.out, world_dir=args.world,
+                      data_dir=args.data, lrm_dir=args.lrm, thresholds=args.thresholds, spm_dir=args.spm,
+                      latents_dir=args.latents, accelerator=accelerator)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if accelerator.is_main_process:
+        print(json.dumps({k: summary[k] for k in ("method", "iterations", "tuples_kept", "loss_last") if k in summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

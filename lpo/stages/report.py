@@ -1,0 +1,705 @@
+"""Stage `report`: one markdown report of an experiment, with PNG figures beside it.
+
+    lpo report --config CFG --results results/<name> --out results/<name>/report.md
+
+Reads whatever the experiment has produced and says what is missing instead of failing:
+- eval/<model>/metrics.json for base + optimize.methods -> the metrics table with 95% intervals, the paired
+  differences vs base, figures/metrics.png (means and intervals) and figures/metrics_table.png;
+- eval/<model>/samples.npz (+ per_prompt.jsonl) -> figures/grid.png: rows = prompts, columns = models, the
+  same seed (image 0 of each prompt); in shapes a green / red frame = the oracle's exact match or not;
+- lrm/accuracy_by_t.png (eval_lrm) and calibration/thresholds.png (calibrate), linked as they are;
+- training logs: every *.jsonl under lrm/, spm/ and optimize/<method>/ (one JSON object per line; x = step,
+  iteration or epoch, else the line number), or, where a stage wrote none, its TensorBoard scalars (tb/)
+  -> figures/training_curves.png; and the scalars of summary.json files;
+- benchmarks/*.tsv (Snakemake `benchmark:` files) -> wall and CPU seconds per stage and per method, reward
+  model included (LPO = train_lrm + calibrate + optimize_lpo, SPO = train_spm + optimize_spo,
+  DPO = optimize_dpo; METHOD.md section 4, Tab. 6), quality per compute, figures/compute.png.
+
+Every figure in FIGURES is always written (a placeholder that names the missing input when there is no data),
+because the Snakemake rule declares them as outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from lpo.config import Config, ConfigError, load_config
+from lpo.metrics.scorers import display_name
+from lpo.utils import setup_logging
+
+log = logging.getLogger(__name__)
+
+FIG_DIR = "figures"
+FIGURES = ("metrics.png", "metrics_table.png", "grid.png", "training_curves.png", "compute.png")
+# Stages whose benchmark seconds make up each method's training cost (reward model included).
+METHOD_STAGES: dict[str, tuple[str, ...]] = {
+    "lpo": ("train_lrm", "calibrate", "optimize_lpo"),
+    "spo": ("train_spm", "optimize_spo"),
+    "dpo": ("optimize_dpo",),
+}
+# Absolute metrics in table order, and their column labels; scorer keys get their display names.
+METRIC_LABELS: dict[str, str] = {
+    "exact": "exact match",
+    "fg": "fg colour",
+    "bg": "bg colour",
+    "shape": "shape",
+    "has_object": "has object",
+    "quality": "quality",
+    "reward": "annotator reward",
+    "lrm_score": "LRM score",
+}
+PAIRED_LABELS: dict[str, str] = {
+    "win_rate": "win rate vs base",
+    "exact_delta": "Δ exact",
+    "fg_delta": "Δ fg",
+    "bg_delta": "Δ bg",
+    "shape_delta": "Δ shape",
+    "reward_delta": "Δ reward",
+}
+# Panels of figures/metrics.png (those present), in order.
+PLOT_METRICS = ("exact", "fg", "bg", "shape", "quality", "win_rate", "exact_delta", "lrm_score")
+X_KEYS = ("step", "global_step", "iteration", "iter", "epoch")
+MAX_CURVE_PANELS = 16
+CURVES_PER_FILE = 4
+BENCH_COLUMNS = {"s": "wall_s", "cpu_time": "cpu_s", "max_rss": "max_rss_mb"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading inputs
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(results: Path, models: list[str], missing: list[str]) -> dict[str, dict]:
+    """eval/<model>/metrics.json for each model that has one (others are noted in `missing`)."""
+    out = {}
+    for model in models:
+        path = results / "eval" / model / "metrics.json"
+        if path.is_file():
+            out[model] = json.loads(path.read_text())
+        else:
+            missing.append(f"eval/{model}/metrics.json (model {model} not evaluated)")
+    return out
+
+
+def read_benchmarks(bench_dir: Path) -> dict[str, dict[str, float]]:
+    """benchmarks/<stage>.tsv -> {stage: {wall_s, cpu_s, max_rss_mb}}, averaged over repeated rows; "NA" and
+    unparsable cells are NaN."""
+    out = {}
+    for path in sorted(bench_dir.glob("*.tsv")):
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        if not rows:
+            continue
+        stats = {}
+        for column, key in BENCH_COLUMNS.items():
+            vals = [_number(r.get(column)) for r in rows]
+            stats[key] = float(np.mean(vals)) if vals else math.nan
+        out[path.stem] = stats
+    return out
+
+
+def _number(text: Optional[str]) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """Rows of a JSON-lines log and the number of unreadable lines (a killed run may leave half a line)."""
+    rows, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def curve_series(rows: list[dict]) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(x label, {key: (x, y)}) for every numeric key of a log; x = the first X_KEYS key present, else line no."""
+    x_key = next((k for k in X_KEYS if any(k in r for r in rows)), None)
+    series: dict[str, tuple[list, list]] = {}
+    for n, row in enumerate(rows):
+        x = row.get(x_key, n) if x_key else n
+        if not _is_number(x):
+            continue
+        for key, value in row.items():
+            if key == x_key or not _is_number(value):
+                continue
+            xs, ys = series.setdefault(key, ([], []))
+            xs.append(float(x))
+            ys.append(float(value))
+    return x_key or "line", {k: (np.array(x), np.array(y)) for k, (x, y) in series.items()}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _curve_priority(key: str) -> tuple[int, str]:
+    """Losses, accuracies, rewards and kept-pair counts first."""
+    for rank, word in enumerate(("loss", "acc", "reward", "kept", "margin", "lr")):
+        if word in key:
+            return rank, key
+    return 99, key
+
+
+def training_logs(results: Path, methods: list[str], missing: list[str]) -> list[dict]:
+    """Every *.jsonl and summary.json under the training stages' folders, as {stage, path, ...} entries."""
+    folders = {"train_lrm": results / "lrm"}
+    if "spo" in methods:
+        folders["train_spm"] = results / "spm"
+    folders.update({f"optimize_{m}": results / "optimize" / m for m in methods})
+    found = []
+    for stage, folder in folders.items():
+        logs = sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []
+        summaries = sorted(folder.rglob("summary.json")) if folder.is_dir() else []
+        for path in logs:
+            rows, bad = read_jsonl(path)
+            x_label, series = curve_series(rows)
+            found.append({"stage": stage, "path": path, "kind": "log", "rows": len(rows), "bad": bad,
+                          "x": x_label, "series": series})
+        if not logs:  # no JSON-lines log: fall back on the stage's TensorBoard scalars
+            event_dirs = sorted({p.parent for p in folder.rglob("events.out.tfevents.*")}) if folder.is_dir() else []
+            for path in event_dirs:
+                series = tensorboard_series(path)
+                rows = max((len(x) for x, _ in series.values()), default=0)
+                found.append({"stage": stage, "path": path, "kind": "log", "rows": rows, "bad": 0, "x": "step",
+                              "series": series, "tb": True})
+            if not event_dirs:
+                missing.append(f"{folder.relative_to(results)}/**/*.jsonl or tb/ (no training log of {stage})")
+        for path in summaries:
+            try:
+                doc = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                missing.append(f"{path.relative_to(results)} (not valid JSON)")
+                continue
+            found.append({"stage": stage, "path": path, "kind": "summary", "scalars": _scalars(doc)})
+    return found
+
+
+def tensorboard_series(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tag: (steps, values)} of the scalar events in one TensorBoard folder (the stages' tb/)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0 = keep every point
+    events.Reload()
+    return {tag: (np.array([e.step for e in events.Scalars(tag)], dtype=float),
+                  np.array([e.value for e in events.Scalars(tag)], dtype=float))
+            for tag in events.Tags()["scalars"]}
+
+
+def _scalars(doc, prefix: str = "", depth: int = 0) -> dict[str, float]:
+    """Numeric leaves of a JSON document up to two levels deep, as {"a.b": value}."""
+    out = {}
+    if isinstance(doc, dict) and depth < 2:
+        for key, value in doc.items():
+            name = f"{prefix}{key}"
+            if _is_number(value):
+                out[name] = float(value)
+            elif isinstance(value, dict):
+                out.update(_scalars(value, name + ".", depth + 1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tables (pure: dicts in, markdown rows out)
+# --------------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
+
+
+def fmt_seconds(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
+def fmt_scalar(value: float) -> str:
+    """Integers as integers (counts, steps), other numbers as fmt does."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e12 else fmt(value)
+
+
+def fmt_ci(m: Optional[dict]) -> str:
+    """'0.512 [0.448, 0.567]' for a {mean, lo, hi} entry; '-' when absent."""
+    if not m:
+        return "-"
+    return f"{fmt(m['mean'])} [{fmt(m['lo'])}, {fmt(m['hi'])}]"
+
+
+def metric_label(key: str) -> str:
+    return METRIC_LABELS.get(key) or PAIRED_LABELS.get(key) or display_name(key) or key
+
+
+def table_columns(metrics: dict[str, dict], paired: bool) -> list[str]:
+    """Metric keys present in any model, in the report's order: absolute metrics (or paired ones)."""
+    present = []
+    for doc in metrics.values():
+        for key in doc.get("metrics", {}):
+            if key not in present:
+                present.append(key)
+    is_paired = [k for k in present if k in PAIRED_LABELS or k.endswith("_delta")]
+    if paired:
+        return sorted(is_paired, key=lambda k: list(PAIRED_LABELS).index(k) if k in PAIRED_LABELS else 99)
+    absolute = [k for k in present if k not in is_paired]
+    order = list(METRIC_LABELS)
+    return sorted(absolute, key=lambda k: (order.index(k) if k in order else len(order) - 0.5, k))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metrics_rows(metrics: dict[str, dict], columns: list[str]) -> list[list[str]]:
+    return [[model] + [fmt_ci(doc["metrics"].get(c)) for c in columns] for model, doc in metrics.items()]
+
+
+def method_compute(bench: dict[str, dict], methods: list[str]) -> dict[str, dict]:
+    """Per method: summed wall and CPU seconds of METHOD_STAGES (reward-model training included) and the
+    stages without a benchmark file."""
+    out = {}
+    for method in methods:
+        stages = METHOD_STAGES.get(method, (f"optimize_{method}",))
+        have = [s for s in stages if s in bench]
+        out[method] = {
+            "stages": list(stages),
+            "missing": [s for s in stages if s not in bench],
+            "wall_s": float(sum(bench[s]["wall_s"] for s in have)) if have else math.nan,
+            "cpu_s": float(sum(bench[s]["cpu_s"] for s in have)) if have else math.nan,
+            "per_stage": {s: bench[s]["wall_s"] for s in have},
+        }
+    return out
+
+
+def primary_metric(cfg: Config, metrics: dict[str, dict]) -> Optional[str]:
+    """evaluate.primary_metric, else exact match (shapes) or the first configured scorer."""
+    if cfg.evaluate.primary_metric:
+        return cfg.evaluate.primary_metric
+    if cfg.experiment.world == "shapes":
+        return "exact"
+    return next(iter(cfg.evaluate.scorers), None)
+
+
+def quality_per_compute(metrics: dict[str, dict], compute: dict[str, dict], key: Optional[str]) -> list[dict]:
+    """Gain over base of the primary metric per hour of wall and CPU time, for each method with both.
+
+    The gain is the paired difference <key>_delta (with its interval) when evaluate wrote one, else the
+    difference of the two means (no interval).
+    """
+    rows = []
+    base = metrics.get("base", {}).get("metrics", {})
+    for method, comp in compute.items():
+        doc = metrics.get(method, {}).get("metrics", {})
+        if key is None or (f"{key}_delta" not in doc and (key not in doc or key not in base)):
+            gain = None
+        elif f"{key}_delta" in doc:
+            gain = dict(doc[f"{key}_delta"])
+        else:
+            gain = {"mean": doc[key]["mean"] - base[key]["mean"], "lo": math.nan, "hi": math.nan}
+        row = {"method": method, "gain": gain, "win_rate": doc.get("win_rate"), **comp}
+        for unit, seconds in (("wall_h", comp["wall_s"]), ("cpu_h", comp["cpu_s"])):
+            hours = seconds / 3600 if math.isfinite(seconds) and seconds > 0 else math.nan
+            row[unit] = hours
+            row[f"gain_per_{unit}"] = (
+                {k: gain[k] / hours for k in ("mean", "lo", "hi")} if gain and math.isfinite(hours) else None
+            )
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def placeholder(path: Path, title: str, message: str) -> None:
+    """A small figure that says what is missing (declared rule outputs must always exist)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 1.6))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.4, "\n".join(textwrap.wrap(message, 80)), ha="center", va="center", fontsize=9, color="0.3")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_metrics(path: Path, metrics: dict[str, dict], keys: list[str]) -> bool:
+    """One panel per metric: each model's mean and 95% interval (chance / no-change lines where meaningful)."""
+    keys = [k for k in keys if any(k in d["metrics"] for d in metrics.values())]
+    if not keys:
+        return False
+    plt = _plt()
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    models = list(metrics)
+    for ax, key in zip(axes.flat, keys):
+        for x, model in enumerate(models):
+            m = metrics[model]["metrics"].get(key)
+            if m is None:
+                continue
+            err = [[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]]
+            ax.errorbar([x], [m["mean"]], yerr=err, fmt="o", capsize=4, color=f"C{x}")
+        if key == "win_rate":
+            ax.axhline(0.5, ls="--", color="0.5", lw=1)
+        if key.endswith("_delta"):
+            ax.axhline(0.0, ls="--", color="0.5", lw=1)
+        ax.set_xticks(range(len(models)), models)
+        ax.set_xlim(-0.5, len(models) - 0.5)
+        ax.set_title(metric_label(key), fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle("Held-out test prompts: mean and 95% bootstrap interval over prompts", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_table(path: Path, header: list[str], rows: list[list[str]], title: str) -> bool:
+    """The metrics table as an image (for `snakemake --report`, which shows figures, not the markdown)."""
+    if not rows:
+        return False
+    plt = _plt()
+    wrapped = ["\n".join(textwrap.wrap(h, 14)) for h in header]
+    cells = [[c.replace(" [", "\n[") for c in row] for row in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.45 * len(header)), 0.9 + 0.55 * (len(rows) + 1)))
+    ax.axis("off")
+    table = ax.table(cellText=cells, colLabels=wrapped, loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1.0, 2.3)
+    for (r, c), cell in table.get_celld().items():
+        if r == 0 or c == 0:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("0.92")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def load_samples(results: Path, models: list[str], missing: list[str]) -> dict[str, dict]:
+    """eval/<model>/samples.npz (+ image-0 exact match from per_prompt.jsonl) for the models that have them."""
+    out = {}
+    for model in models:
+        path = results / "eval" / model / "samples.npz"
+        if not path.is_file():
+            missing.append(f"eval/{model}/samples.npz (no images of {model} for the grid)")
+            continue
+        with np.load(path, allow_pickle=False) as data:
+            entry = {"images": data["images"], "prompts": [str(p) for p in data["prompts"]]}
+        per_prompt = path.with_name("per_prompt.jsonl")
+        if per_prompt.is_file():
+            rows, _ = read_jsonl(per_prompt)
+            entry["exact"] = [r.get("values", {}).get("exact", [None])[0] for r in rows]
+        out[model] = entry
+    return out
+
+
+def plot_grid(path: Path, samples: dict[str, dict], n_rows: int, notes: list[str]) -> bool:
+    """Rows = prompts, columns = models, image 0 (the same seed) of each; frame = exact match (shapes)."""
+    if not samples or n_rows < 1:
+        return False
+    ref_model = next(iter(samples))
+    ref = samples[ref_model]["prompts"]
+    models = []
+    for model, entry in samples.items():
+        k = min(len(ref), len(entry["prompts"]))
+        if entry["prompts"][:k] != ref[:k]:
+            notes.append(f"grid: {model} was evaluated on other prompts than {ref_model}; left out")
+            continue
+        models.append(model)
+    n_rows = min([n_rows] + [len(samples[m]["prompts"]) for m in models])
+    if n_rows < 1:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(n_rows, len(models), figsize=(1.5 * len(models) + 2.4, 1.5 * n_rows), squeeze=False)
+    for r in range(n_rows):
+        for c, model in enumerate(models):
+            ax = axes[r, c]
+            ax.imshow(samples[model]["images"][r, 0], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            exact = samples[model].get("exact", [])
+            if r < len(exact) and exact[r] is not None:
+                colour = "tab:green" if exact[r] >= 0.5 else "tab:red"
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(3)
+            if r == 0:
+                ax.set_title(model, fontsize=10)
+            if c == 0:
+                ax.set_ylabel("\n".join(textwrap.wrap(ref[r], 22)), rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(path: Path, logs: list[dict]) -> bool:
+    """One panel per (log file, key), at most CURVES_PER_FILE keys per file and MAX_CURVE_PANELS in all."""
+    panels = []
+    for entry in logs:
+        if entry["kind"] != "log":
+            continue
+        keys = sorted(entry["series"], key=_curve_priority)[:CURVES_PER_FILE]
+        panels += [(entry, key) for key in keys]
+    panels = panels[:MAX_CURVE_PANELS]
+    if not panels:
+        return False
+    plt = _plt()
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
+    for ax, (entry, key) in zip(axes.flat, panels):
+        x, y = entry["series"][key]
+        ax.plot(x, y, lw=0.8, alpha=0.5 if len(y) > 50 else 1.0, marker="" if len(y) > 30 else ".")
+        if len(y) > 50:  # a moving average shows the trend through noisy per-step values
+            w = max(5, len(y) // 25)
+            ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), lw=1.5, color="C1")
+        ax.set_title(f"{entry['stage']}: {key}", fontsize=9)
+        ax.set_xlabel(entry["x"], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_compute(path: Path, compute: dict[str, dict]) -> bool:
+    """Stacked wall-clock seconds per method, one segment per stage (reward-model training included)."""
+    methods = [m for m, c in compute.items() if c["per_stage"]]
+    if not methods:
+        return False
+    plt = _plt()
+    stages = list(dict.fromkeys(s for m in methods for s in compute[m]["stages"]))  # reward model first
+    fig, ax = plt.subplots(figsize=(7.5, 0.7 * len(methods) + 1.4))
+    labelled: set[str] = set()
+    for y, method in enumerate(methods):
+        left = 0.0
+        for stage in compute[method]["stages"]:
+            sec = compute[method]["per_stage"].get(stage)
+            if sec is None or not math.isfinite(sec):
+                continue
+            ax.barh(y, sec, left=left, color=f"C{stages.index(stage)}", label=None if stage in labelled else stage)
+            labelled.add(stage)
+            left += sec
+        cpu = compute[method]["cpu_s"]
+        ax.text(left, y, f" {left:.0f} s wall, {cpu:.0f} s CPU", va="center", fontsize=8)
+    ax.set_xlim(0, 1.35 * max(sum(compute[m]["per_stage"].values()) for m in methods))
+    ax.invert_yaxis()  # methods top to bottom in config order
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_yticks(range(len(methods)), [m.upper() for m in methods])
+    ax.set_xlabel("wall-clock seconds (Snakemake benchmark)")
+    ax.set_title("Training cost per method, reward model included", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------------
+
+
+def _link(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def run(cfg: Config, results_dir: Path, out_path: Path) -> dict:
+    """Write out_path (markdown) and FIGURES into out_path's folder/figures; return what was found and missed."""
+    results, out_path = Path(results_dir), Path(out_path)
+    if not results.is_dir():
+        raise ConfigError(f"--results {results}: folder not found")
+    here = out_path.parent
+    fig_dir = here / FIG_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    methods = list(cfg.optimize.methods)
+    models = ["base"] + methods
+    missing: list[str] = []
+    notes: list[str] = []
+    drawn: dict[str, bool] = {}
+    md: list[str] = [f"# Report: {cfg.experiment.name}", ""]
+    md.append(f"World `{cfg.experiment.world}`, backbone `{cfg.backbone.preset}`, seed {cfg.experiment.seed}; "
+              f"models: {', '.join(models)}.")
+
+    # ---- metrics ----
+    metrics = read_metrics(results, models, missing)
+    md += ["", "## Metrics on held-out prompts", ""]
+    if metrics:
+        any_doc = next(iter(metrics.values()))
+        md.append(f"{any_doc.get('n_prompts')} test prompts x {any_doc.get('images_per_prompt')} images, the same "
+                  f"seeds for every model; DDIM {any_doc.get('sampling', {}).get('ddim_steps')} steps, eta 0, CFG "
+                  f"{any_doc.get('sampling', {}).get('cfg')}. Mean [95% bootstrap interval over prompts].")
+        absolute, paired = table_columns(metrics, paired=False), table_columns(metrics, paired=True)
+        header = ["model"] + [metric_label(c) for c in absolute]
+        md += ["", markdown_table(header, metrics_rows(metrics, absolute))]
+        if "lrm_score" in absolute:
+            md += ["", "LRM score: the latent reward model's mean score of the final latents at the lowest DDIM "
+                       "timestep; it is optimised by LPO, so it measures progress on the proxy, not quality."]
+        if paired:
+            md += ["", "### Against the base model (same prompts and seeds)", "",
+                   "Win rate = the annotator's expected preference sigmoid((r_model - r_base) / tau) (0.5 = no "
+                   "change); Δ = paired per-image difference model - base, resampled by prompt.", ""]
+            md.append(markdown_table(["model"] + [metric_label(c) for c in paired], metrics_rows(metrics, paired)))
+        drawn["metrics.png"] = plot_metrics(fig_dir / "metrics.png", metrics,
+                                            list(PLOT_METRICS) + list(cfg.evaluate.scorers))
+        table_cols = absolute + [c for c in ("win_rate", "exact_delta") if c in paired]
+        drawn["metrics_table.png"] = plot_table(
+            fig_dir / "metrics_table.png", ["model"] + [metric_label(c) for c in table_cols],
+            metrics_rows(metrics, table_cols), "Held-out metrics: mean [95% interval]"
+        )
+        if drawn["metrics.png"]:
+            md += ["", f"![metrics]({_link(fig_dir / 'metrics.png', here)})"]
+    else:
+        md.append("No model has been evaluated yet (no eval/<model>/metrics.json).")
+    for name in ("metrics.png", "metrics_table.png"):
+        if not drawn.get(name):
+            placeholder(fig_dir / name, "Metrics", "no eval/<model>/metrics.json with plottable metrics")
+
+    # ---- image grid ----
+    md += ["", "## Samples", ""]
+    samples = load_samples(results, models, missing)
+    if plot_grid(fig_dir / "grid.png", samples, cfg.evaluate.grid_prompts, notes):
+        frame = " Frame: green = the oracle's exact match, red = not." if cfg.experiment.world == "shapes" else ""
+        md.append(f"Rows = test prompts, columns = models, the same seed (image 0 of each prompt).{frame}")
+        md += ["", f"![samples]({_link(fig_dir / 'grid.png', here)})"]
+    else:
+        md.append("No samples to show (no eval/<model>/samples.npz, or evaluate.grid_prompts is 0).")
+        placeholder(fig_dir / "grid.png", "Samples", "no eval/<model>/samples.npz found")
+
+    # ---- reward model and thresholds ----
+    md += ["", "## Latent reward model and thresholds", ""]
+    for rel, what in (("lrm/accuracy_by_t.png", "LRM accuracy by timestep (eval_lrm)"),
+                      ("calibration/thresholds.png", "Thresholds th(t) (calibrate)")):
+        if (results / rel).is_file():
+            md += [f"{what}:", "", f"![{what}]({_link(results / rel, here)})", ""]
+        else:
+            missing.append(f"{rel} ({what})")
+            md += [f"{what}: not produced yet ({rel} missing).", ""]
+    accuracy = results / "lrm" / "accuracy.json"
+    if accuracy.is_file():
+        scalars = _scalars(json.loads(accuracy.read_text()))
+        if scalars:
+            rows = [[k, fmt_scalar(v)] for k, v in list(scalars.items())[:12]]
+            md += [markdown_table(["lrm/accuracy.json", "value"], rows)]
+
+    # ---- training curves ----
+    md += ["", "## Training curves", ""]
+    logs = training_logs(results, methods, missing)
+    if plot_curves(fig_dir / "training_curves.png", logs):
+        used = [f"`{_link(e['path'], results)}` ({e['rows']} " + ("TensorBoard points" if e.get("tb") else "rows")
+                + (f", {e['bad']} unreadable" if e["bad"] else "") + ")" for e in logs if e["kind"] == "log"]
+        md += ["From " + ", ".join(used) + ".", "",
+               f"![training curves]({_link(fig_dir / 'training_curves.png', here)})"]
+    else:
+        md.append("No training logs found (*.jsonl or tb/ under lrm/, spm/, optimize/<method>/).")
+        placeholder(fig_dir / "training_curves.png", "Training curves", "no *.jsonl or TensorBoard training logs")
+    for entry in (e for e in logs if e["kind"] == "summary" and e["scalars"]):
+        rows = [[k, fmt_scalar(v)] for k, v in list(entry["scalars"].items())[:15]]
+        md += ["", markdown_table([f"`{_link(entry['path'], results)}`", "value"], rows)]
+
+    # ---- compute ----
+    md += ["", "## Compute", ""]
+    bench = read_benchmarks(results / "benchmarks")
+    compute = method_compute(bench, methods)
+    if bench:
+        rows = [[stage, fmt_seconds(b["wall_s"]), fmt_seconds(b["cpu_s"]), fmt_seconds(b["max_rss_mb"])]
+                for stage, b in bench.items()]
+        md += ["Per stage (Snakemake benchmark files, benchmarks/*.tsv):", "",
+               markdown_table(["stage", "wall s", "CPU s", "max RSS MB"], rows), ""]
+        rows = [[m.upper(), " + ".join(c["stages"]), fmt_seconds(c["wall_s"]), fmt_seconds(c["cpu_s"]),
+                 ", ".join(c["missing"]) or "-"] for m, c in compute.items()]
+        md += ["Per method, reward-model training included (as the paper's Tab. 6):", "",
+               markdown_table(["method", "stages", "wall s", "CPU s", "missing"], rows)]
+        key = primary_metric(cfg, metrics)
+        qpc = quality_per_compute(metrics, compute, key)
+        if key is not None and any(m in metrics for m in methods) and not any(r["gain"] for r in qpc):
+            notes.append(f"quality per compute: metric {key!r} (evaluate.primary_metric) not found in the methods' "
+                         "metrics.json")
+        if key is not None and any(r["gain"] for r in qpc):
+            rows = [[r["method"].upper(), fmt_ci(r["gain"]), fmt_ci(r["win_rate"]), fmt(r["wall_h"]),
+                     fmt_ci(r["gain_per_wall_h"]), fmt_ci(r["gain_per_cpu_h"])] for r in qpc]
+            md += ["", f"Quality per compute: gain in {metric_label(key)} over base per hour of training.", "",
+                   markdown_table(["method", f"Δ {metric_label(key)}", "win rate", "wall h", "Δ per wall h",
+                                   "Δ per CPU h"], rows)]
+        if plot_compute(fig_dir / "compute.png", compute):
+            md += ["", f"![compute]({_link(fig_dir / 'compute.png', here)})"]
+        else:
+            placeholder(fig_dir / "compute.png", "Compute", "no benchmark of a training stage found")
+    else:
+        missing.append("benchmarks/*.tsv (no Snakemake benchmark files)")
+        md.append("No Snakemake benchmark files (benchmarks/*.tsv): run the workflow through Snakemake.")
+        placeholder(fig_dir / "compute.png", "Compute", "no benchmarks/*.tsv found")
+
+    # ---- missing inputs ----
+    md += ["", "## Missing inputs", ""]
+    md += [f"- {m}" for m in missing + notes] if missing or notes else ["Nothing missing."]
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, out_path)
+    log.info("report -> %s (%d models evaluated, %d missing inputs)", out_path, len(metrics), len(missing))
+    return {"out": str(out_path), "models": list(metrics), "missing": missing, "notes": notes,
+            "figures": [str(fig_dir / f) for f in FIGURES]}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lpo report", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", action="append", required=True, metavar="PATH",
+                        help="config YAML; repeat to deep-merge several (later ones win)")
+    parser.add_argument("--results", required=True, metavar="DIR", help="the experiment's folder, results/<name>")
+    parser.add_argument("--out", required=True, metavar="PATH", help="markdown file (results/<name>/report.md)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        run(load_config(*args.config), Path(args.results), Path(args.out))
+    except ConfigError as err:
+        print(f"lpo report: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
