@@ -118,6 +118,19 @@ def optimize_inputs(wildcards):
     return inputs
 
 
+def eval_lrm_inputs(wildcards):
+    """The LRM's test accuracy needs the shards, the pairs' metadata and, with SPO in the run, its pixel model."""
+    inputs = {
+        "model": f"{RES}/lrm/model",
+        "latents": f"{RES}/latents",
+        "data": f"data/{DATASET}",
+        "base": f"{RES}/base",
+    }
+    if "spo" in METHODS:
+        inputs["spm"] = f"{RES}/spm/model"
+    return inputs
+
+
 def prompt_source(wildcards):
     """Held-out prompts: the shapes world's test split, or the downloaded test split of a real dataset."""
     return f"{RES}/world" if WORLD == "shapes" else f"data/{DATASET}"

@@ -28,8 +28,7 @@ rule train_lrm:
 
 rule eval_lrm:
     input:
-        model=f"{RES}/lrm/model",
-        latents=f"{RES}/latents",
+        unpack(eval_lrm_inputs),
     output:
         accuracy=f"{RES}/lrm/accuracy.json",
         plot=report(
@@ -44,14 +43,14 @@ rule eval_lrm:
     params:
         cmd=stage_cmd("eval_lrm"),
         section=section("eval_lrm"),
-        spm=f"--spm {RES}/spm/model" if "spo" in METHODS else "",
+        spm=lambda wildcards, input: f"--spm {input.spm}" if "spm" in input.keys() else "",
     resources:
         gpu=gpus("eval_lrm"),
     conda:
         "../../envs/lpo.yaml"
     shell:
-        "{params.cmd} --model {input.model} --latents {input.latents} {params.spm}"
-        " --out {output.accuracy} --plot {output.plot} > {log} 2>&1"
+        "{params.cmd} --model {input.model} --latents {input.latents} --data {input.data} --base {input.base}"
+        " {params.spm} --out {output.accuracy} --plot {output.plot} > {log} 2>&1"
 
 
 rule calibrate:
