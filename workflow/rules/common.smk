@@ -119,16 +119,13 @@ def optimize_inputs(wildcards):
 
 
 def eval_lrm_inputs(wildcards):
-    """The LRM's test accuracy needs the shards, the pairs' metadata and, with SPO in the run, its pixel model."""
-    inputs = {
+    """The LRM's test accuracy needs the shards and the pairs' metadata (per-attribute accuracy)."""
+    return {
         "model": f"{RES}/lrm/model",
         "latents": f"{RES}/latents",
         "data": f"data/{DATASET}",
         "base": f"{RES}/base",
     }
-    if "spo" in METHODS:
-        inputs["spm"] = f"{RES}/spm/model"
-    return inputs
 
 
 def prompt_source(wildcards):
@@ -142,4 +139,6 @@ def report_inputs(wildcards):
         "lrm_accuracy": f"{RES}/lrm/accuracy.json",
         "thresholds": f"{RES}/calibration/thresholds.json",
     }
+    if "spo" in METHODS:
+        inputs["reward_models"] = f"{RES}/spm/accuracy.json"
     return inputs

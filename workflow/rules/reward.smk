@@ -43,14 +43,42 @@ rule eval_lrm:
     params:
         cmd=stage_cmd("eval_lrm"),
         section=section("eval_lrm"),
-        spm=lambda wildcards, input: f"--spm {input.spm}" if "spm" in input.keys() else "",
     resources:
         gpu=gpus("eval_lrm"),
     conda:
         "../../envs/lpo.yaml"
     shell:
         "{params.cmd} --model {input.model} --latents {input.latents} --data {input.data} --base {input.base}"
-        " {params.spm} --out {output.accuracy} --plot {output.plot} > {log} 2>&1"
+        " --out {output.accuracy} --plot {output.plot} > {log} 2>&1"
+
+
+# The LRM and SPO's pixel model on the same test pairs, in one plot (a rule of its own, so that LPO's
+# calibration never waits for the baseline's reward model).
+rule eval_spm:
+    input:
+        unpack(eval_lrm_inputs),
+        spm=f"{RES}/spm/model",
+    output:
+        accuracy=f"{RES}/spm/accuracy.json",
+        plot=report(
+            f"{RES}/spm/reward_models_by_t.png",
+            caption="../report/reward_models.rst",
+            category="Reward model",
+        ),
+    log:
+        f"{RES}/logs/eval_spm.log",
+    benchmark:
+        f"{RES}/benchmarks/eval_spm.tsv"
+    params:
+        cmd=stage_cmd("eval_lrm", "eval_spm"),
+        section=section("eval_lrm", "train_spm"),
+    resources:
+        gpu=gpus("eval_lrm"),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --model {input.model} --latents {input.latents} --data {input.data} --base {input.base}"
+        " --spm {input.spm} --out {output.accuracy} --plot {output.plot} > {log} 2>&1"
 
 
 rule calibrate:
