@@ -296,6 +296,13 @@ class TrainSpmConfig:
         "Real worlds: local folder of the PickScore-style CLIPModel the SPM starts from (e.g. a download of "
         "yuvalkirstain/PickScore_v1); required there, null for shapes.",
     )
+    clip_steps: int = _f(
+        0,
+        "shapes: CLIP-style contrastive pretraining steps of the small SPM on the pretraining corpus (--world "
+        "corpus.npz) before preference training, a stand-in for PickScore's CLIP start; 0 = from scratch.",
+    )
+    clip_batch_size: int = _f(256, "shapes: images per contrastive pretraining step.")
+    clip_lr: float = _f(1e-3, "shapes: learning rate of the contrastive pretraining (AdamW).")
 
 
 @dataclass(frozen=True)

@@ -195,10 +195,11 @@ def test_bad_input_fails_before_any_compute(case, message, assets, tmp_path, no_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method", ["spo", "dpo"])
-def test_methods_not_written_yet_raise_a_clear_error(method, assets, tmp_path, no_compute):
-    with pytest.raises(ConfigError, match="not available yet"):
+@pytest.mark.parametrize("method, needs", [("spo", "--spm is required"), ("dpo", "--latents is required")])
+def test_baselines_without_their_inputs_raise_a_clear_error(method, needs, assets, tmp_path, no_compute):
+    with pytest.raises(ConfigError, match=needs):
         optimize.run(_small(), method, assets["base"], tmp_path / "w", tmp_path / "o", world_dir=assets["world"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_prints_one_line_and_exits_2(assets, tmp_path, capsys):

@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import pyarrow.parquet as pq
 import torch
@@ -37,6 +37,8 @@ from lpo.config import Config, ConfigError, load_config, to_dict
 from lpo.data.pickapic import SPLIT_NAMES, split_from_filename
 from lpo.methods import Method, MethodInputs
 from lpo.methods import lpo as lpo_method
+from lpo.methods import dpo as dpo_method
+from lpo.methods import spo as spo_method
 from lpo.policy import WEIGHT_DTYPES, build_policy, check_policy_config
 from lpo.utils import atomic_dir, read_json, seed_everything, setup_logging, write_json
 
@@ -46,21 +48,11 @@ LORA_SUBDIR = "lora"
 FINGERPRINT_FILE = "fingerprint.json"
 
 
-def _not_available(name: str, module: str) -> Method:
-    """A registry entry for a method whose module is not written yet: a clear error before any compute."""
-
-    def refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
-        raise ConfigError(f"optimize: method {name!r} is not available yet ({module} is not registered in "
-                          f"lpo.stages.optimize.METHODS); use --method lpo, or drop {name!r} from optimize.methods")
-
-    return Method(check=refuse, train=refuse)
-
-
 # method name -> Method (the CLI's --method choices come from here)
 METHODS: dict[str, Method] = {
     "lpo": Method(check=lpo_method.check_inputs, train=lpo_method.train),
-    "spo": _not_available("spo", "lpo/methods/spo.py"),
-    "dpo": _not_available("dpo", "lpo/methods/dpo.py"),
+    "spo": Method(check=spo_method.check_inputs, train=spo_method.train),
+    "dpo": Method(check=dpo_method.check_inputs, train=dpo_method.train),
 }
 
 

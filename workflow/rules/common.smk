@@ -128,6 +128,11 @@ def eval_lrm_inputs(wildcards):
     }
 
 
+def train_spm_inputs(wildcards):
+    """SPO's pixel model trains on the same latent pairs as the LRM, through the base model."""
+    return {"latents": f"{RES}/latents", "base": f"{RES}/base"}
+
+
 def prompt_source(wildcards):
     """Held-out prompts: the shapes world's test split, or the downloaded test split of a real dataset."""
     return f"{RES}/world" if WORLD == "shapes" else f"data/{DATASET}"

@@ -112,8 +112,7 @@ rule calibrate:
 
 rule train_spm:
     input:
-        latents=f"{RES}/latents",
-        base=f"{RES}/base",
+        unpack(train_spm_inputs),
     output:
         directory(f"{RES}/spm/model"),
     log:

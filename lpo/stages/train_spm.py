@@ -1,0 +1,480 @@
+"""Stage `train_spm`: train SPO's step-aware pixel reward model (SPM) on the latent preference pairs.
+
+    lpo train_spm --config CFG --latents DIR --base DIR [--world DIR] --out WORKDIR
+
+METHOD.md section 5 (SPO, SPM); RockeyCoss/SPO spm_task.py. SPO's SPM starts from PickScore, a CLIP
+pretrained on image-text pairs; the shapes world has no such model. With train_spm.clip_steps > 0 the small
+SPM is first pretrained CLIP-style (``clip_contrastive_loss``) on the base model's pretraining corpus
+(--world: corpus.npz, renders with their captions, t = 0), as the LRM starts from the pretrained U-Net
+(default 0: in a 300-step comparison on the shapes pairs it gave no gain within the noise).
+Then, on the SAME latent shards as the LRM
+(lpo.data.loader.PairLoader, train split), each step:
+1. both latents of a pair are drawn from their VAE posterior (mean + std * noise) and noised with the SAME
+   noise at the same t ~ U{0 .. train_spm.t_max - 1} (the LRM uses independent noise);
+2. ONE classifier-free-guided step of the frozen base model (guidance train_spm.cfg) gives x0-hat, which the
+   VAE decodes (lpo.reward.pixel.decoded_x0_hat);
+3. the SPM scores both decoded images at t; Bradley-Terry loss (ties (0.5, 0.5)) with PickScore's per-prompt
+   weights (within the batch), AdamW (train_spm.lr, weight_decay), gradient clip.
+Every train_spm.eval_every steps (and at the last) the val split's pair accuracy at train_spm.eval_timesteps
+(SPO's evaluation set) is measured with the same protocol and fixed per-pair noise
+(``pixel_accuracy_by_t``); the model with the best mean accuracy is kept.
+
+Outputs in WORKDIR (--out): ``model/`` (the best SPM, ``StepAwarePixelModel.from_pretrained``; written once,
+at the end), ``summary.json`` (best step, validations, per-step cost: U-Net pass, decode, score + update),
+``train_log.jsonl`` (one record per step and per validation), ``tb/`` (TensorBoard),
+``checkpoints/state.pt`` (trainable weights, optimiser, step, best-so-far).
+
+Resume: rerun the same command. The randomness of step s is a pure function of (seed, s, rank)
+(``lpo.stages.train_lrm.step_generator``) and its data position is (s // batches, s % batches) of
+``PairLoader.iterate``, so the checkpoint needs no generator state and a resumed run ends, on CPU, with the
+same weights as an uninterrupted one. A checkpoint of a different config section or world size is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lpo.backbones import Backbone, BackboneError, PromptEmbeds, load_pipeline_folder
+from lpo.config import Config, ConfigError, load_config, to_dict
+from lpo.data.loader import PairLoader
+from lpo.data.shards import ShardError
+from lpo.losses import bradley_terry_loss, per_prompt_weights
+from lpo.reward.pixel import (
+    SpmText,
+    StepAwarePixelModel,
+    clip_contrastive_loss,
+    decode_latents,
+    one_step_x0_hat,
+    pixel_correct_by_t,
+)
+from lpo.sampling import images_to_tensor
+from lpo.stages.train_lrm import pair_correct, step_generator
+from lpo.utils import setup_logging, write_json
+
+log = logging.getLogger("lpo.train_spm")
+
+CHECKPOINT_NAME = "checkpoints/state.pt"
+CHECKPOINT_FORMAT = 1
+VAL_SEED_OFFSET = 101  # validation noise: pair_noise(experiment.seed + offset, key), fixed for the whole run
+TEXT_CACHE_SIZE = 4096  # prompt embeddings of the base model kept per caption (LRU)
+
+
+class TrainSpmError(ConfigError):
+    """A user-facing train_spm failure (bad data, a checkpoint of another run); `lpo train_spm` prints one line."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks and small helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: Config) -> None:
+    """ConfigError naming the train_spm.<field> that cannot work, before anything is loaded."""
+    c = cfg.train_spm
+    for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "t_max"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"train_spm.{name}: must be >= 1, got {getattr(c, name)}")
+    if not c.lr > 0:
+        raise ConfigError(f"train_spm.lr: must be > 0, got {c.lr}")
+    if c.weight_decay < 0 or c.grad_clip < 0:
+        raise ConfigError("train_spm.weight_decay and grad_clip must be >= 0")
+    if c.cfg < 1.0:
+        raise ConfigError(f"train_spm.cfg: a guidance scale >= 1 is expected, got {c.cfg}")
+    if not c.eval_timesteps:
+        raise ConfigError("train_spm.eval_timesteps: empty; give at least one timestep")
+
+
+def check_timesteps(cfg: Config, num_train_timesteps: int) -> None:
+    c = cfg.train_spm
+    if c.t_max > num_train_timesteps:
+        raise ConfigError(f"train_spm.t_max {c.t_max} > the base model's {num_train_timesteps} training timesteps")
+    bad = [t for t in c.eval_timesteps if not 0 <= t < num_train_timesteps]
+    if bad:
+        raise ConfigError(f"train_spm.eval_timesteps {bad}: outside [0, {num_train_timesteps - 1}]")
+
+
+def fingerprint(cfg: Config, world_size: int) -> str:
+    """What a checkpoint must match to be resumed: the train_spm section, the seed and the world size
+    (``steps`` excluded, so a finished run can be extended)."""
+    section = {k: v for k, v in to_dict(cfg.train_spm).items() if k not in ("steps", "eval_every", "checkpoint_every")}
+    doc = json.dumps({"train_spm": section, "seed": cfg.experiment.seed, "world": world_size}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+class PromptCache:
+    """The base model's prompt embeddings per caption (LRU), each computed alone so a cached value never
+    depends on which captions shared its batch; and the SPM's text features when its text tower is frozen."""
+
+    def __init__(self, backbone: Backbone, spm: StepAwarePixelModel, device: torch.device) -> None:
+        self.backbone, self.spm, self.device = backbone, spm, device
+        self.cache_spm_text = not any(p.requires_grad for p in _text_parameters(spm))
+        self._cond: OrderedDict[str, PromptEmbeds] = OrderedDict()
+        self._text: OrderedDict[str, SpmText] = OrderedDict()
+
+    @torch.no_grad()
+    def cond(self, captions: list[str]) -> PromptEmbeds:
+        for caption in dict.fromkeys(captions):
+            if caption in self._cond:
+                self._cond.move_to_end(caption)
+                continue
+            self._cond[caption] = self.backbone.encode_prompts([caption]).to(self.device)
+            if len(self._cond) > TEXT_CACHE_SIZE:
+                self._cond.popitem(last=False)
+        return PromptEmbeds.cat([self._cond[c] for c in captions])
+
+    def spm_text(self, captions: list[str]) -> Any:
+        """SpmText from the cache (frozen text tower), or the captions themselves (encoded with gradient)."""
+        if not self.cache_spm_text:
+            return captions
+        with torch.no_grad():
+            for caption in dict.fromkeys(captions):
+                if caption in self._text:
+                    self._text.move_to_end(caption)
+                    continue
+                self._text[caption] = self.spm.encode_text([caption])
+                if len(self._text) > TEXT_CACHE_SIZE:
+                    self._text.popitem(last=False)
+        return SpmText(torch.cat([self._text[c].features for c in captions]))  # (B, F)
+
+
+def _text_parameters(spm: StepAwarePixelModel) -> list[torch.nn.Parameter]:
+    if spm.kind == "small":
+        return list(spm.text_encoder.parameters())
+    return list(spm.clip.text_model.parameters())
+
+
+def _batch_stream(loader: PairLoader, start_step: int) -> Iterator[dict[str, Any]]:
+    """Batches from global step `start_step` on, epoch after epoch (the position is a function of the step)."""
+    epoch, batch = divmod(start_step, loader.batches_per_rank)
+    while True:
+        yield from loader.iterate(epoch, start_batch=batch)
+        epoch, batch = epoch + 1, 0
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return float(np.mean(values)) if values else None
+
+
+def clip_warm_start(spm: StepAwarePixelModel, corpus_path: Path, cfg: Config, device: torch.device,
+                    log_record: Any) -> dict[str, Any]:
+    """CLIP-style pretraining of the small SPM on the pretraining corpus (clean images, t = 0): a stand-in for
+    the CLIP pretraining PickScore starts from. Deterministic (seeded), so a rerun repeats it exactly."""
+    c = cfg.train_spm
+    if not corpus_path.is_file():
+        raise TrainSpmError(f"{corpus_path}: missing (run the synthesize rule; or set train_spm.clip_steps: 0)")
+    data = np.load(corpus_path)
+    images, captions = data["images"], [str(x) for x in data["captions"]]
+    unique = sorted(set(captions))
+    index = {caption: i for i, caption in enumerate(unique)}
+    ids = torch.tensor([index[caption] for caption in captions])  # (N,)
+    with torch.no_grad():  # the MiniLM is frozen: its pooled features once per distinct caption
+        features = torch.cat([spm.encode_text(unique[i:i + 256]).features for i in range(0, len(unique), 256)])
+    params = spm.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=c.clip_lr, weight_decay=c.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.experiment.seed * 1_000 + 0xC1)
+    start, losses = time.perf_counter(), []
+    spm.train()
+    for k in tqdm(range(c.clip_steps), desc="train_spm clip", mininterval=5):
+        pick = torch.randint(len(images), (c.clip_batch_size,), generator=gen)  # (B,)
+        x = images_to_tensor(images[pick.numpy()]).to(device)  # (B, 3, H, W) in [-1, 1]
+        visual = spm.image(x, torch.zeros(len(pick), dtype=torch.int64, device=device))
+        text = spm.text_features(SpmText(features[ids[pick]].to(device)))
+        loss = clip_contrastive_loss(visual, text, spm.logit_scale_param, ids[pick].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if k % 10 == 0 or k == c.clip_steps - 1:
+            log_record({"event": "clip", "clip_step": k + 1, "loss": losses[-1]})
+    result = {"steps": c.clip_steps, "corpus_images": len(images), "captions": len(unique),
+              "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])),
+              "seconds": time.perf_counter() - start}
+    log.info("CLIP warm start: %d steps on %d images, loss %.3f -> %.3f in %.0f s", c.clip_steps, len(images),
+             result["loss_first"], result["loss_last"], result["seconds"])
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str | Path,
+        world_dir: Optional[str | Path] = None) -> dict:
+    """Train the SPM; writes out_dir/{model, summary.json, train_log.jsonl, tb, checkpoints} (module docstring).
+
+    world_dir: the synthesize output (corpus.npz), needed by the shapes SPM's CLIP warm start (clip_steps > 0).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    check_config(cfg)
+    c = cfg.train_spm
+    latents_dir, base_dir, out_dir = Path(latents_dir), Path(base_dir), Path(out_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    is_main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
+                                    accelerator.num_processes, accelerator.device)
+    seed = cfg.experiment.seed
+    try:
+        train_loader = PairLoader(latents_dir, "train", c.batch_size, seed=seed, shuffle=True)
+        val_loader = PairLoader(latents_dir, "val", 1, shuffle=False)
+    except ShardError as err:
+        raise TrainSpmError(str(err)) from None
+    if train_loader.batches_per_rank == 0:
+        raise TrainSpmError(f"{latents_dir}: the train split has {train_loader.index['n_samples']} pairs, fewer than "
+                            f"train_spm.batch_size {c.batch_size} x {world} processes; lower the batch size")
+    try:
+        bb = load_pipeline_folder(base_dir)
+    except BackboneError as err:
+        raise TrainSpmError(str(err)) from None
+    check_timesteps(cfg, int(bb.scheduler.config.num_train_timesteps))
+    bb.to(device)
+    for module in (bb.unet, bb.vae, *bb.text_encoders()):
+        module.requires_grad_(False)
+    warm_start = bb.kind == "shapes" and c.clip_steps > 0
+    if warm_start and world_dir is None:
+        raise ConfigError("train_spm.clip_steps > 0: the shapes SPM's CLIP warm start needs --world (the synthesize "
+                          "output with corpus.npz); or set train_spm.clip_steps: 0 to start from scratch")
+    torch.manual_seed(seed)  # the SPM's random init (same on every process)
+    spm = StepAwarePixelModel.from_backbone(bb, c).to(device)
+    params = spm.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    model, optimizer = accelerator.prepare(spm, optimizer)
+    prompts = PromptCache(bb, spm, device)
+    uncond = bb.null_embeds(1).to(device)
+    n_params = sum(p.numel() for p in params)
+    log.info("SPM kind %s: %d trainable parameters; base %s; %d process(es) on %s", spm.kind, n_params, base_dir,
+             world, device)
+
+    # ---- resume ------------------------------------------------------------------------------------------
+    ckpt = out_dir / CHECKPOINT_NAME
+    fp = fingerprint(cfg, world)
+    step, best, history = 0, {"metric": -math.inf, "step": None, "state": None, "acc_by_t": None}, []
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("fingerprint") != fp:
+            raise TrainSpmError(f"{ckpt}: checkpoint of another train_spm config, seed or number of processes; "
+                                f"delete {out_dir / 'checkpoints'} to start over")
+        _load_trainable(spm, saved["trainable"], ckpt)
+        optimizer.load_state_dict(saved["optimizer"])
+        step, best, history = int(saved["step"]), saved["best"], saved["history"]
+        log.info("resumed from %s at step %d", ckpt, step)
+
+    log_path = out_dir / "train_log.jsonl"
+    writer = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step)
+
+    def log_record(record: dict[str, Any]) -> None:
+        if is_main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def validate() -> dict[str, Any]:
+        spm.eval()
+        local = pixel_correct_by_t(spm, bb, val_loader, c.eval_timesteps, seed + VAL_SEED_OFFSET, c.cfg,
+                                   batch_size=max(c.batch_size, 32))
+        spm.train()
+        merged: dict[int, dict[str, bool]] = {t: {} for t in local}
+        for part in (gather_object([local]) if world > 1 else [local]):
+            for t, by_key in part.items():
+                merged[t].update(by_key)  # replayed pairs (uneven ranks) count once
+        acc = {t: float(np.mean(list(v.values()))) if v else float("nan") for t, v in merged.items()}
+        n = max((len(v) for v in merged.values()), default=0)
+        return {"acc_by_t": {str(t): a for t, a in acc.items()}, "metric": float(np.nanmean(list(acc.values()))),
+                "n": n}
+
+    def save_state() -> None:
+        if is_main:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_name(f".{ckpt.name}.tmp-{os.getpid()}")
+            torch.save({"format": CHECKPOINT_FORMAT, "fingerprint": fp, "step": step,
+                        "trainable": _trainable_state(spm), "optimizer": optimizer.state_dict(),
+                        "best": best, "history": history}, tmp)
+            os.replace(tmp, ckpt)  # never half a checkpoint
+        accelerator.wait_for_everyone()
+
+    # ---- CLIP warm start (shapes, optional), then the training loop -------------------------------------
+    warm: Optional[dict[str, Any]] = None
+    if warm_start and step == 0:  # a resumed run has the warm-started weights in its checkpoint
+        warm = clip_warm_start(spm, Path(world_dir) / "corpus.npz", cfg, device, log_record)
+    spm.train()
+    seconds: dict[str, list[float]] = {"unet": [], "decode": [], "score": [], "step": []}
+    batches = _batch_stream(train_loader, step)
+    bar = tqdm(total=c.steps, initial=step, desc="train_spm", disable=not is_main, mininterval=5)
+    while step < c.steps:
+        start = _now(device)
+        batch = next(batches)
+        gen = step_generator(seed, step, rank)
+        b = len(batch["keys"])
+        eps_post = torch.randn(batch["mean"].shape, generator=gen)  # (B, 2, C, h, w)
+        t = torch.randint(0, c.t_max, (b,), generator=gen)  # (B,)
+        noise = torch.randn(batch["mean"].shape[:1] + batch["mean"].shape[2:], generator=gen)  # (B, C, h, w)
+        x0 = batch["mean"].to(device) + batch["std"].to(device) * eps_post.to(device)  # (B, 2, C, h, w)
+        t, noise, labels = t.to(device), noise.to(device), batch["labels"].to(device)
+        cond = prompts.cond(batch["captions"])
+        x0_hat = one_step_x0_hat(bb, x0, t, noise, cond, uncond, c.cfg)  # (B, 2, C, h, w)
+        after_unet = _now(device)
+        with torch.no_grad():
+            images = decode_latents(bb.vae, x0_hat.flatten(0, 1))  # (2B, 3, H, W): pair-major
+        after_decode = _now(device)
+        text = prompts.spm_text(batch["captions"])
+        text2 = text.repeat_interleave(2) if isinstance(text, SpmText) else [p for p in text for _ in range(2)]
+        scores = model(images, t.repeat_interleave(2), text2).view(b, 2)  # (B, 2)
+        weights = per_prompt_weights(batch["prompt_keys"]).to(device)
+        loss = bradley_terry_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights)
+        if not torch.isfinite(loss):
+            raise TrainSpmError(f"non-finite loss at step {step + 1}; lower train_spm.lr or check {latents_dir}")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(params, c.grad_clip) if c.grad_clip > 0 else None
+        optimizer.step()
+        step += 1
+        end = _now(device)
+        correct, decided = pair_correct(scores[:, 0].detach(), scores[:, 1].detach(), labels)
+        totals = accelerator.reduce(torch.stack([loss.detach().float(), correct.float().sum(),
+                                                 decided.float().sum()]), reduction="sum")
+        for key, value in (("unet", after_unet - start), ("decode", after_decode - after_unet),
+                           ("score", end - after_decode), ("step", end - start)):
+            seconds[key].append(value)
+        record = {"step": step, "loss": float(totals[0]) / world,
+                  "train_acc": float(totals[1] / totals[2]) if totals[2] > 0 else None,
+                  "t_mean": float(t.float().mean()), "logit_scale": float(spm.logit_scale_param.detach()),
+                  "grad_norm": None if grad_norm is None else float(grad_norm),
+                  "seconds": {"unet": after_unet - start, "decode": after_decode - after_unet,
+                              "score": end - after_decode}}
+        log_record(record)
+        if writer is not None:
+            for key in ("loss", "train_acc", "logit_scale", "grad_norm"):
+                if record[key] is not None:
+                    writer.add_scalar(f"train/{key}", record[key], step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if step % c.eval_every == 0 or step == c.steps:
+            result = validate()
+            if result["metric"] > best["metric"]:
+                best = {"metric": result["metric"], "step": step, "state": _trainable_state(spm),
+                        "acc_by_t": result["acc_by_t"]}
+            entry = {"event": "validation", "step": step, **result, "best_step": best["step"],
+                     "best_metric": best["metric"]}
+            history.append(entry)
+            log_record(entry)
+            if writer is not None:
+                for t_key, acc in result["acc_by_t"].items():
+                    writer.add_scalar(f"val/acc_t{t_key}", acc, step)
+                writer.add_scalar("val/metric", result["metric"], step)
+            log.info("step %d: val accuracy %s (mean %.3f); best %.3f at step %s", step,
+                     {k: round(v, 3) for k, v in result["acc_by_t"].items()}, result["metric"], best["metric"],
+                     best["step"])
+        if step % c.checkpoint_every == 0 or step == c.steps:
+            save_state()
+    bar.close()
+    batches.close()
+
+    # ---- outputs -----------------------------------------------------------------------------------------
+    per_step = {k: _mean(v) for k, v in seconds.items()}
+    summary = {
+        "kind": spm.kind, "clip_warm_start": warm, "steps": step, "best_step": best["step"],
+        "best_metric": best["metric"],
+        "best_acc_by_t": best["acc_by_t"], "eval_timesteps": list(c.eval_timesteps), "validations": history,
+        "world_size": world, "global_batch": c.batch_size * world, "trainable_parameters": n_params,
+        "device": str(device), "threads": torch.get_num_threads(), "train_pairs": train_loader.index["n_samples"],
+        "cost": {
+            "note": "mean wall seconds per training step of this process run (a resumed run times its own steps): "
+                    "one batched CFG U-Net pass over 2 x batch latents, one VAE decode of 2 x batch x0-hats, "
+                    "SPM forward + backward + AdamW",
+            "steps_timed": len(seconds["step"]),
+            "seconds_unet_per_step": per_step["unet"], "seconds_decode_per_step": per_step["decode"],
+            "seconds_score_update_per_step": per_step["score"], "seconds_per_step": per_step["step"],
+        },
+    }
+    if is_main:
+        final = copy.deepcopy(spm).cpu()
+        if best["state"] is not None:
+            _load_trainable(final, best["state"], ckpt)
+        final.save_pretrained(out_dir / "model", info={"base": str(base_dir), "latents": str(latents_dir),
+                                                       "best_step": best["step"], "best_metric": best["metric"],
+                                                       "train_spm": to_dict(c)})
+        write_json(out_dir / "summary.json", summary)
+        writer.close()
+        log.info("best SPM: step %s, mean val accuracy %.3f -> %s", best["step"], best["metric"], out_dir / "model")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _trainable_state(spm: StepAwarePixelModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in spm.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(spm: StepAwarePixelModel, state: dict[str, torch.Tensor], where: Path) -> None:
+    params = {name: p for name, p in spm.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        raise TrainSpmError(f"{where}: weights do not match the SPM (missing {sorted(set(params) - set(state))[:3]}, "
+                            f"extra {sorted(set(state) - set(params))[:3]}); delete the checkpoints folder")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after `step` (a resumed run rewrites them); at step 0 (a fresh start) all of them."""
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="lpo train_spm", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", action="append", required=True, metavar="PATH",
+                        help="config YAML; repeat to deep-merge several (later ones win)")
+    parser.add_argument("--latents", required=True, metavar="DIR", help="latent shards (precompute_latents output)")
+    parser.add_argument("--base", required=True, metavar="DIR", help="base pipeline folder (results/<name>/base)")
+    parser.add_argument("--world", metavar="DIR",
+                        help="shapes: synthesize output (corpus.npz) for the CLIP warm start (train_spm.clip_steps)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="work folder: model/, summary.json, train_log.jsonl, tb/, checkpoints/")
+    args = parser.parse_args(argv)
+    cfg = load_config(*args.config)
+    setup_logging(int(os.environ.get("RANK", "0")) == 0)
+    try:
+        run(cfg, args.latents, args.base, args.out, world_dir=args.world)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
