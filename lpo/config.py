@@ -220,6 +220,9 @@ class CalibrateConfig:
     th_min: float = _f(0.35, "Threshold at the smallest sigma.")
     th_max: float = _f(0.5, "Threshold at the largest sigma.")
     chance_margin: float = _f(0.0, "Timesteps whose LRM accuracy CI lower bound is <= 0.5 + margin are not trained.")
+    gate_on_accuracy: bool = _f(
+        True, "Mark timesteps where the LRM is no better than chance untrainable (false: train every step; smoke runs)."
+    )
     n_prompts: int = _f(64, "rollout: calibration prompts.")
     precision: float = _f(0.8, "rollout: target agreement of the LRM's best/worst with the judge.")
     min_pairs: int = _f(30, "rollout: fewest kept pairs a timestep's threshold may rest on (fewer: no threshold).")

@@ -467,6 +467,9 @@ def run(
     ts = [int(t) for t in timesteps]
     used = nearest_accuracy(accuracy, ts)
     gate = lrm_above_chance([e["lo"] for e in used], cal.chance_margin)
+    if not cal.gate_on_accuracy:
+        log.warning("calibrate.gate_on_accuracy is false: every step is trainable, even where the LRM is at chance")
+        gate = [True] * len(gate)
     far = sorted({(t, e["t"]) for t, e in zip(ts, used) if e["t"] != t})
     if far:
         log.info("accuracy looked up at the nearest evaluated t for %d steps (sampling t -> evaluated t): %s",
