@@ -73,6 +73,18 @@ def load_state(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def restore_phase(state: dict, phase: str, model, opt, rng: np.random.Generator, gen: torch.Generator) -> int:
+    """Resume `phase` ("vae" or "unet") from its checkpoint: weights, optimiser, both generators; returns the step."""
+    if state.get("phase") != phase:
+        return 0
+    model.load_state_dict(state[phase])
+    opt.load_state_dict(state["opt"])
+    rng.bit_generator.state = state["np_rng"]
+    gen.set_state(state["torch_rng"])
+    log.info("resuming %s training at step %d", phase, state["step"])
+    return int(state["step"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training phases
 # ----------------------------------------------------------------------------------------------------------
@@ -83,14 +95,7 @@ def train_vae(cfg: Config, vae, images: np.ndarray, state: dict, ckpt: Path, wri
     opt = torch.optim.AdamW(vae.parameters(), lr=p.vae_lr)
     rng = np.random.default_rng(cfg.experiment.seed)
     gen = torch.Generator().manual_seed(cfg.experiment.seed)
-    start = 0
-    if state.get("phase") == "vae":
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = state["np_rng"]
-        gen.set_state(state["torch_rng"])
-        start = state["step"]
-        log.info("resuming VAE training at step %d", start)
+    start = restore_phase(state, "vae", vae, opt, rng, gen)
     vae.train()
     bar = tqdm(range(start, p.vae_steps), desc="vae", initial=start, total=p.vae_steps, mininterval=5)
     for step in bar:
@@ -135,14 +140,7 @@ def train_unet(cfg: Config, bb, latents: torch.Tensor, caption_idx: np.ndarray, 
     opt = torch.optim.AdamW(unet.parameters(), lr=p.unet_lr)
     rng = np.random.default_rng(cfg.experiment.seed + 1)
     gen = torch.Generator().manual_seed(cfg.experiment.seed + 1)
-    start = 0
-    if state.get("phase") == "unet":
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = state["np_rng"]
-        gen.set_state(state["torch_rng"])
-        start = state["step"]
-        log.info("resuming U-Net training at step %d", start)
+    start = restore_phase(state, "unet", unet, opt, rng, gen)
     alphas_cumprod = sched.alphas_cumprod
     n_train_t = sched.config.num_train_timesteps
     unet.train()
