@@ -55,6 +55,7 @@ def full(tmp_path) -> Path:
     fake_eval(res, "lpo", 0.3, 0.6, seed=1)
     fake_eval(res, "dpo", 0.25, 0.55, seed=2)  # spo is left out: a missing model
     png(res / "lrm" / "accuracy_by_t.png")
+    png(res / "spm" / "reward_models_by_t.png")
     png(res / "calibration" / "thresholds.png")
     (res / "lrm" / "accuracy.json").write_text(json.dumps({"overall": {"accuracy": 0.71}}))
     (res / "lrm" / "train_log.jsonl").write_text(
@@ -89,7 +90,7 @@ def test_full_report(cfg, full):
     assert "| win rate vs base | Δ exact |" in md.replace("| model ", "")
     # figures beside the report, linked relative to it; the existing stage plots linked as they are
     for link in ("figures/metrics.png", "figures/grid.png", "figures/training_curves.png", "figures/compute.png",
-                 "lrm/accuracy_by_t.png", "calibration/thresholds.png"):
+                 "lrm/accuracy_by_t.png", "spm/reward_models_by_t.png", "calibration/thresholds.png"):
         assert f"]({link})" in md, link
     for name in report.FIGURES:
         with Image.open(full / "figures" / name) as im:
@@ -115,7 +116,8 @@ def test_empty_results_folder_gives_a_report_of_what_is_missing(cfg, tmp_path):
     summary = report.run(cfg, res, res / "report.md")
     md = (res / "report.md").read_text()
     assert "No model has been evaluated yet" in md and "No Snakemake benchmark files" in md
-    for item in ("eval/base/metrics.json", "lrm/accuracy_by_t.png", "calibration/thresholds.png",
+    for item in ("eval/base/metrics.json", "lrm/accuracy_by_t.png", "spm/reward_models_by_t.png",
+                 "calibration/thresholds.png",
                  "benchmarks/*.tsv", "lrm/**/*.jsonl"):
         assert any(item in m for m in summary["missing"]), item
         assert item in md
@@ -156,3 +158,75 @@ def test_cli(tmp_path, full, capsys):
     assert (full / "r.md").is_file()
     assert report.main(["--config", str(cfg_file), "--results", str(tmp_path / "nope"), "--out", "x.md"]) == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+# ---- figures: what a reader sees in report.md and in `snakemake --report` ----
+
+
+def test_curve_panels_skip_bookkeeping_group_bins_and_overlay_validation():
+    one = (np.arange(3.0), np.ones(3))
+    series = {k: one for k in ("loss", "train_acc", "lr", "head_lr", "best_metric", "best_step", "metric",
+                               "kept/t0-249", "kept/t250-499", "kept_share/t0-249", "grad_norm", "epoch")}
+    panels = dict(report.curve_panels(series))
+    assert list(panels) == ["loss", "train_acc + validation", "kept/* (per timestep bin)", "grad_norm"]
+    assert panels["train_acc + validation"] == ["train_acc", "metric"]
+    assert panels["kept/* (per timestep bin)"] == ["kept/t0-249", "kept/t250-499"]
+    # a log of nothing but bookkeeping still gets its panels
+    assert report.curve_panels({"lr": one}) == [("lr", ["lr"])]
+
+
+def test_moving_average_is_centred():
+    x = np.arange(10.0)
+    xs, ys = report.moving_average(x, x * 2, 5)
+    assert xs.tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0] and np.allclose(ys, xs * 2)
+
+
+def test_training_curves_show_every_log(tmp_path):
+    rng = np.random.default_rng(0)
+    logs = [{"stage": f"optimize_m{i}", "path": tmp_path / f"{i}.jsonl", "kind": "log", "rows": 80, "bad": 0,
+             "x": "step", "series": {f"m{i}/loss": (np.arange(80.0), rng.random(80)),
+                                     f"m{i}/implicit_acc": (np.arange(80.0), rng.random(80))}}
+            for i in range(6)]
+    assert report.plot_curves(tmp_path / "c.png", logs)
+    with Image.open(tmp_path / "c.png") as im:  # one row of panels per log: 6 x 2.6 in at 100 dpi
+        assert im.height >= 6 * 2.6 * 100 - 5
+
+
+def test_metrics_table_figure_has_both_tables(tmp_path):
+    header, rows = ["model", "exact match"], [["base", "0.344 [0.236, 0.464]"]]
+    assert report.plot_table(tmp_path / "one.png", [("absolute", header, rows)])
+    assert report.plot_table(tmp_path / "two.png", [("absolute", header, rows), ("vs base", header, rows)])
+    with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "two.png") as two:
+        assert two.height > 1.6 * one.height
+    assert not report.plot_table(tmp_path / "none.png", [("empty", header, [])])
+
+
+def test_stage_plots_draw_from_their_json(tmp_path):
+    """eval_lrm's accuracy plot (with the pixel model) and calibrate's threshold plot, from JSON-shaped dicts."""
+    from lpo.stages import calibrate, eval_lrm
+
+    ts = [49, 549, 999]
+    rows = [{"t": t, "n": 20, "acc": a, "lo": a - 0.1, "hi": a + 0.1, "above_chance": a - 0.1 > 0.5}
+            for t, a in zip(ts, (0.8, 0.65, 0.5))]
+    eval_lrm.plot_accuracy(tmp_path / "acc.png", rows, 0.89, rows, "20 test pairs")
+    result = {"mode": "sigma", "timesteps": ts[::-1], "thresholds": [0.5, 0.42, 0.35],
+              "trainable": [False, True, True], "untrainable_reason": ["lrm_at_chance", None, None]}
+    calibrate.plot_thresholds(result, tmp_path / "th.png")
+    for name in ("acc.png", "th.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.width > 300
+
+
+def test_every_reported_figure_has_a_caption_file_and_a_label():
+    """`snakemake --report` needs each report(caption=...) file; labels name the figures in its menu."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    smk = "\n".join(p.read_text() for p in sorted((root / "workflow" / "rules").glob("*.smk")))
+    blocks = re.findall(r"report\(\s*f\"[^\"]+\",(.*?)\n\s*\),", smk, flags=re.S)
+    assert len(blocks) >= 8
+    for block in blocks:
+        caption = re.search(r'caption="\.\./report/([\w.]+\.rst)"', block)
+        assert caption and (root / "workflow" / "report" / caption.group(1)).is_file(), block
+        assert re.search(r'labels=\{"figure": "[^"]+"\}', block), block
+    assert (root / "workflow" / "report" / "workflow.rst").is_file()

@@ -386,6 +386,10 @@ def rollout_calibration(rows: dict[str, np.ndarray], cfg: Config) -> dict[str, A
 # --------------------------------------------------------------------------------------------------------
 
 
+# Legend words for thresholds.json's untrainable_reason values.
+UNTRAINABLE_WORDS = {"lrm_at_chance": "LRM at chance", "no_rollout_threshold": "no rollout threshold"}
+
+
 def plot_thresholds(result: dict[str, Any], path: Path) -> None:
     """th(t) vs t with the untrainable steps shaded; rollout mode adds agreement and kept share per step."""
     import matplotlib
@@ -401,18 +405,27 @@ def plot_thresholds(result: dict[str, Any], path: Path) -> None:
     rollout = result["mode"] == "rollout"
     fig, axes = plt.subplots(1, 2 if rollout else 1, figsize=(11 if rollout else 6, 4), squeeze=False)
 
+    reasons = sorted({r for r in result.get("untrainable_reason", []) if r})
+    why = f" ({', '.join(UNTRAINABLE_WORDS.get(r, r) for r in reasons)})" if reasons else ""
+
     def shade(ax: Any) -> None:
         for j, t in enumerate(ts[untrainable]):
-            ax.axvspan(t - half, t + half, color="grey", alpha=0.25, lw=0, label="untrainable" if j == 0 else None)
+            ax.axvspan(t - half, t + half, color="grey", alpha=0.25, lw=0,
+                       label=f"untrainable{why}" if j == 0 else None)
 
     ax = axes[0, 0]
     shade(ax)
-    ax.plot(ts, th, "o-", label="th(t)")
+    ax.plot(ts, th, "-", color="C0", label="th(t)")
+    # trainable steps filled; untrainable ones hollow: their threshold is never applied
+    ax.plot(ts[~untrainable], th[~untrainable], "o", color="C0")
+    ax.plot(ts[untrainable], th[untrainable], "o", color="C0", markerfacecolor="white")
     if none.any():
         ax.plot(ts[none], np.ones(int(none.sum())), "x", color="C3", label="no threshold (never kept)")
-    ax.set(xlabel="timestep t", ylabel="pair-gap threshold th(t)", ylim=(0, 1.02),
-           title=f"thresholds ({result['mode']} mode)")
-    ax.legend(loc="best", fontsize=8)
+    ax.set(xlabel="timestep t (noise increases to the right)", ylabel="threshold th(t) on tanh((S_w - S_l) / 2)",
+           ylim=(0, 1.02))
+    ax.set_title(f"LPO pair thresholds, {result['mode']} mode: {int((~untrainable).sum())} of {len(ts)} "
+                 "steps trainable", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
     if rollout:
         agreement = result["agreement"]
         ax = axes[0, 1]
@@ -423,7 +436,8 @@ def plot_thresholds(result: dict[str, Any], path: Path) -> None:
         ax.plot(ts, agreement["tie_rate"], "x:", label="judge tie rate")
         ax.plot(ts, result["expected_kept_share"], "^-", label="expected kept share")
         ax.axhline(agreement["precision_target"], color="k", ls="--", lw=1, label="target precision")
-        ax.set(xlabel="timestep t", ylabel="share", ylim=(0, 1.02), title="LRM best/worst vs judge")
+        ax.set(xlabel="timestep t (noise increases to the right)", ylabel="share", ylim=(0, 1.02))
+        ax.set_title("rollouts: the LRM's best/worst order vs the judge", fontsize=10)
         ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -399,7 +399,11 @@ def spm_accuracy(cfg: Config, spm_dir: Optional[str | Path], base_dir: Optional[
 
 def plot_accuracy(path: str | Path, rows: list[dict], ceiling: Optional[float], spm_rows: Optional[list[dict]],
                   title: str) -> None:
-    """Accuracy vs t with the 95% band, the chance line and (when known) the annotator ceiling."""
+    """Accuracy vs t with the 95% band, the chance line and (when known) the annotator ceiling.
+
+    Points whose interval reaches chance (not above_chance) are hollow: those are the timesteps calibrate marks
+    untrainable for LPO. The title names the models shown ("LRM" or "LRM vs SPO pixel model"), then `title`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,15 +415,21 @@ def plot_accuracy(path: str | Path, rows: list[dict], ceiling: Optional[float], 
             continue
         pts = [r for r in data if r["acc"] is not None]
         t = [r["t"] for r in pts]
-        ax.plot(t, [r["acc"] for r in pts], marker="o", ms=3, color=colour, label=label)
+        ax.plot(t, [r["acc"] for r in pts], color=colour, label=label)
         ax.fill_between(t, [r["lo"] for r in pts], [r["hi"] for r in pts], color=colour, alpha=0.2)
+        for above in (True, False):
+            sel = [r for r in pts if r["above_chance"] == above]
+            ax.plot([r["t"] for r in sel], [r["acc"] for r in sel], "o", ms=4, color=colour,
+                    markerfacecolor=colour if above else "white")
+    ax.plot([], [], "o", ms=4, color="0.4", markerfacecolor="white", label="hollow: interval reaches chance")
     ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
     if ceiling is not None:
-        ax.axhline(ceiling, color="tab:green", ls=":", lw=1, label=f"annotator ceiling {ceiling:.2f}")
+        ax.axhline(ceiling, color="tab:green", ls=":", lw=1.2, label=f"annotator ceiling {ceiling:.2f}")
     ax.set_xlabel("timestep t (noise increases to the right)")
     ax.set_ylabel("pairwise accuracy (ties excluded)")
     ax.set_ylim(0.0, 1.02)
-    ax.set_title(title, fontsize=9)
+    models = "LRM vs SPO pixel model" if spm_rows else "LRM"
+    ax.set_title(f"{models}: held-out pair accuracy by timestep\n{title}", fontsize=9)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -507,7 +517,7 @@ def run(cfg: Config, model_dir: str | Path, latents_dir: str | Path, out_json: s
     }
     if accelerator.is_main_process:
         write_json(out_json, result)
-        title = f"LRM test accuracy ({result['n_pairs'] - result['n_ties_excluded']} pairs, ties excluded)"
+        title = f"{result['n_pairs'] - result['n_ties_excluded']} test pairs (ties excluded); bands: Wilson 95%"
         plot_accuracy(plot_png, rows, ceiling, spm_rows, title)
         log.info("accuracy at t=%d: %.3f [%.3f, %.3f]; highest t above chance: %s; grid mean %.3f; ceiling %s",
                  lowest["t"], lowest["acc"], lowest["lo"], lowest["hi"], result["highest_t_above_chance"],

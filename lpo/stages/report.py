@@ -6,8 +6,9 @@ Reads whatever the experiment has produced and says what is missing instead of f
 - eval/<model>/metrics.json for base + optimize.methods -> the metrics table with 95% intervals, the paired
   differences vs base, figures/metrics.png (means and intervals) and figures/metrics_table.png;
 - eval/<model>/samples.npz (+ per_prompt.jsonl) -> figures/grid.png: rows = prompts, columns = models, the
-  same seed (image 0 of each prompt); in shapes a green / red frame = the oracle's exact match or not;
-- lrm/accuracy_by_t.png (eval_lrm) and calibration/thresholds.png (calibrate), linked as they are;
+  same seed (image 0 of each prompt); in shapes a green / red frame and a word = the oracle's exact match or not;
+- lrm/accuracy_by_t.png (eval_lrm), spm/reward_models_by_t.png (eval_spm, when SPO is a method) and
+  calibration/thresholds.png (calibrate), linked as they are;
 - training logs: every *.jsonl under lrm/, spm/ and optimize/<method>/ (one JSON object per line; x = step,
   iteration or epoch, else the line number), or, where a stage wrote none, its TensorBoard scalars (tb/)
   -> figures/training_curves.png; and the scalars of summary.json files;
@@ -69,9 +70,21 @@ PAIRED_LABELS: dict[str, str] = {
 }
 # Panels of figures/metrics.png (those present), in order.
 PLOT_METRICS = ("exact", "fg", "bg", "shape", "quality", "win_rate", "exact_delta", "lrm_score")
+# Metrics that live in [0, 1] (shares of images, the oracle's quality score, a probability): plotted on 0..1.
+UNIT_INTERVAL = frozenset({"exact", "fg", "bg", "shape", "has_object", "quality", "win_rate"})
+PANEL_YLABELS: dict[str, str] = {
+    "exact": "share of images", "fg": "share of images", "bg": "share of images", "shape": "share of images",
+    "has_object": "share of images", "quality": "oracle score (0-1)", "win_rate": "P(preferred to base)",
+    "reward": "annotator reward", "lrm_score": "S(p, x_t), unbounded",
+}
 X_KEYS = ("step", "global_step", "iteration", "iter", "epoch")
-MAX_CURVE_PANELS = 16
+MAX_CURVE_ROWS = 8  # logs (one row of panels each) in figures/training_curves.png
 CURVES_PER_FILE = 4
+# Series that are not training curves (learning-rate schedules and best_* keys are skipped by name too).
+SKIP_CURVES = frozenset({"epoch", "batch", "n", "evals_since_best", "nonfinite_skipped", "updates", "seconds"})
+SKIP_CURVE_PREFIXES = ("kept_share/",)  # the same counts as kept/, divided by the batch
+GROUPED_CURVES = ("kept/",)  # one panel with a line per timestep bin
+VALIDATION_KEY = "metric"  # train_lrm / train_spm: the validation accuracy, logged at each evaluation
 BENCH_COLUMNS = {"s": "wall_s", "cpu_time": "cpu_s", "max_rss": "max_rss_mb"}
 
 
@@ -157,10 +170,47 @@ def _is_number(value) -> bool:
 
 def _curve_priority(key: str) -> tuple[int, str]:
     """Losses, accuracies, rewards and kept-pair counts first."""
-    for rank, word in enumerate(("loss", "acc", "reward", "kept", "margin", "lr")):
+    for rank, word in enumerate(("loss", "acc", "reward", "kept", "margin", "pairs")):
         if word in key:
             return rank, key
     return 99, key
+
+
+def _is_bookkeeping(key: str) -> bool:
+    """Series that are not training curves: schedules, best-so-far records, counters, duplicated shares."""
+    leaf = key.rsplit("/", 1)[-1]
+    return (leaf in SKIP_CURVES or leaf.startswith("best_") or leaf.endswith("lr")
+            or any(key.startswith(p) for p in SKIP_CURVE_PREFIXES))
+
+
+def curve_panels(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple[str, list[str]]]:
+    """(panel title, series keys) for one log: the CURVES_PER_FILE most telling training curves.
+
+    Every "<prefix>/..." key of a prefix in GROUPED_CURVES shares one panel (e.g. the kept pairs of each
+    timestep bin); a validation metric ("metric") is drawn in the training-accuracy panel when there is one.
+    """
+    keys = [k for k in series if not _is_bookkeeping(k)]
+    if not keys:  # an unknown log: show what there is rather than nothing
+        keys = list(series)
+    val = VALIDATION_KEY if VALIDATION_KEY in keys and len(keys) > 1 else None
+    panels: dict[str, list[str]] = {}
+    for key in sorted((k for k in keys if k != val), key=_curve_priority):
+        group = next((g for g in GROUPED_CURVES if key.startswith(g)), None)
+        panels.setdefault(f"{group}* (per timestep bin)" if group else key, []).append(key)
+    out = list(panels.items())[:CURVES_PER_FILE]
+    if val:
+        acc = next((i for i, (_, ks) in enumerate(out) if any("acc" in k for k in ks)), None)
+        if acc is None:
+            out = (out + [(val, [val])])[:CURVES_PER_FILE]
+        else:
+            out[acc] = (out[acc][0] + " + validation", out[acc][1] + [val])
+    return out
+
+
+def moving_average(x: np.ndarray, y: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centred moving average of y over `window` points, with the x of each window's centre."""
+    half = (window - 1) // 2
+    return x[half: half + len(y) - window + 1], np.convolve(y, np.ones(window) / window, mode="valid")
 
 
 def training_logs(results: Path, methods: list[str], missing: list[str]) -> list[dict]:
@@ -356,19 +406,24 @@ def placeholder(path: Path, title: str, message: str) -> None:
 
 
 def plot_metrics(path: Path, metrics: dict[str, dict], keys: list[str]) -> bool:
-    """One panel per metric: each model's mean and 95% interval (chance / no-change lines where meaningful)."""
+    """One panel per metric: each model's mean and 95% interval (chance / no-change lines where meaningful).
+
+    Metrics bounded in [0, 1] get the full 0..1 axis so that small differences are not blown up; paired
+    metrics (win rate, deltas) leave out the base model, which is 0.5 / 0 against itself by construction.
+    """
     keys = [k for k in keys if any(k in d["metrics"] for d in metrics.values())]
     if not keys:
         return False
     plt = _plt()
     cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), squeeze=False)
     models = list(metrics)
     for ax, key in zip(axes.flat, keys):
+        paired = key in PAIRED_LABELS or key.endswith("_delta")
         for x, model in enumerate(models):
             m = metrics[model]["metrics"].get(key)
-            if m is None:
+            if m is None or (paired and model == "base"):
                 continue
             err = [[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]]
             ax.errorbar([x], [m["mean"]], yerr=err, fmt="o", capsize=4, color=f"C{x}")
@@ -376,39 +431,57 @@ def plot_metrics(path: Path, metrics: dict[str, dict], keys: list[str]) -> bool:
             ax.axhline(0.5, ls="--", color="0.5", lw=1)
         if key.endswith("_delta"):
             ax.axhline(0.0, ls="--", color="0.5", lw=1)
+        if key in UNIT_INTERVAL:
+            ax.set_ylim(-0.02, 1.02)
         ax.set_xticks(range(len(models)), models)
         ax.set_xlim(-0.5, len(models) - 0.5)
         ax.set_title(metric_label(key), fontsize=10)
+        ax.set_ylabel(PANEL_YLABELS.get(key, "delta vs base" if key.endswith("_delta") else "mean"), fontsize=8)
+        ax.tick_params(labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle("Held-out test prompts: mean and 95% bootstrap interval over prompts", fontsize=10)
+    any_doc = next(iter(metrics.values()))
+    fig.suptitle(f"Held-out test prompts ({any_doc.get('n_prompts')} prompts x {any_doc.get('images_per_prompt')} "
+                 "images): mean and 95% bootstrap interval over prompts; dashed = no change vs base", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def plot_table(path: Path, header: list[str], rows: list[list[str]], title: str) -> bool:
-    """The metrics table as an image (for `snakemake --report`, which shows figures, not the markdown)."""
-    if not rows:
+def plot_table(path: Path, blocks: list[tuple[str, list[str], list[list[str]]]]) -> bool:
+    """Metrics tables as one image, a titled table per block (title, header, rows), stacked.
+
+    For `snakemake --report`, which shows figures, not the markdown. Font and cell sizes are set for a reader
+    who sees the image scaled to the width of a browser window (about 1,000 px).
+    """
+    blocks = [b for b in blocks if b[2]]
+    if not blocks:
         return False
     plt = _plt()
-    wrapped = ["\n".join(textwrap.wrap(h, 14)) for h in header]
-    cells = [[c.replace(" [", "\n[") for c in row] for row in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.45 * len(header)), 0.9 + 0.55 * (len(rows) + 1)))
-    ax.axis("off")
-    table = ax.table(cellText=cells, colLabels=wrapped, loc="center", cellLoc="center")
-    table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    table.scale(1.0, 2.3)
-    for (r, c), cell in table.get_celld().items():
-        if r == 0 or c == 0:
-            cell.set_text_props(weight="bold")
-            cell.set_facecolor("0.92")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    col_w, row_h, title_h = 1.4, 0.45, 0.45  # inches per column / table row / block title
+    width = max(col_w * len(header) for _, header, _ in blocks)
+    heights = [title_h + row_h * (len(rows) + 1) for _, _, rows in blocks]
+    fig = plt.figure(figsize=(width, sum(heights) + 0.1))
+    top = 1.0
+    for (title, header, rows), h in zip(blocks, heights):
+        frac = h / (sum(heights) + 0.1)
+        table_w = col_w * len(header) / width
+        ax = fig.add_axes((0.0, top - frac, table_w, frac - title_h / (sum(heights) + 0.1)))
+        ax.axis("off")
+        wrapped = ["\n".join(textwrap.wrap(c, 14)) for c in header]
+        cells = [[c.replace(" [", "\n[") for c in row] for row in rows]
+        table = ax.table(cellText=cells, colLabels=wrapped, cellLoc="center", bbox=(0, 0, 1, 1))
+        table.auto_set_font_size(False)
+        table.set_fontsize(10)
+        for (r, c), cell in table.get_celld().items():
+            if r == 0 or c == 0:
+                cell.set_text_props(weight="bold")
+                cell.set_facecolor("0.92")
+        fig.text(0.005, top - 0.5 * title_h / (sum(heights) + 0.1), title, fontsize=11, va="center")
+        top -= frac
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return True
 
@@ -432,7 +505,11 @@ def load_samples(results: Path, models: list[str], missing: list[str]) -> dict[s
 
 
 def plot_grid(path: Path, samples: dict[str, dict], n_rows: int, notes: list[str]) -> bool:
-    """Rows = prompts, columns = models, image 0 (the same seed) of each; frame = exact match (shapes)."""
+    """Rows = prompts, columns = models, image 0 (the same seed) of each; frame and word = exact match (shapes).
+
+    The oracle's verdict is drawn twice: a coloured frame around the axes and a word under the image, so that it
+    is readable without colour vision and is not mistaken for a border the model itself painted.
+    """
     if not samples or n_rows < 1:
         return False
     ref_model = next(iter(samples))
@@ -447,8 +524,10 @@ def plot_grid(path: Path, samples: dict[str, dict], n_rows: int, notes: list[str
     n_rows = min([n_rows] + [len(samples[m]["prompts"]) for m in models])
     if n_rows < 1:
         return False
+    judged = any(samples[m].get("exact") for m in models)
     plt = _plt()
-    fig, axes = plt.subplots(n_rows, len(models), figsize=(1.5 * len(models) + 2.4, 1.5 * n_rows), squeeze=False)
+    row_h = 1.75 if judged else 1.5  # inches; room for the verdict under each image
+    fig, axes = plt.subplots(n_rows, len(models), figsize=(1.6 * len(models) + 2.4, row_h * n_rows), squeeze=False)
     for r in range(n_rows):
         for c, model in enumerate(models):
             ax = axes[r, c]
@@ -457,10 +536,13 @@ def plot_grid(path: Path, samples: dict[str, dict], n_rows: int, notes: list[str
             ax.set_yticks([])
             exact = samples[model].get("exact", [])
             if r < len(exact) and exact[r] is not None:
-                colour = "tab:green" if exact[r] >= 0.5 else "tab:red"
+                match = exact[r] >= 0.5
+                colour = "tab:green" if match else "tab:red"
                 for spine in ax.spines.values():
                     spine.set_edgecolor(colour)
-                    spine.set_linewidth(3)
+                    spine.set_linewidth(4)
+                ax.set_xlabel("exact match" if match else "no match", fontsize=8, color=colour, labelpad=2,
+                              weight="bold" if match else "normal")
             if r == 0:
                 ax.set_title(model, fontsize=10)
             if c == 0:
@@ -472,34 +554,42 @@ def plot_grid(path: Path, samples: dict[str, dict], n_rows: int, notes: list[str
 
 
 def plot_curves(path: Path, logs: list[dict]) -> bool:
-    """One panel per (log file, key), at most CURVES_PER_FILE keys per file and MAX_CURVE_PANELS in all."""
-    panels = []
-    for entry in logs:
-        if entry["kind"] != "log":
-            continue
-        keys = sorted(entry["series"], key=_curve_priority)[:CURVES_PER_FILE]
-        panels += [(entry, key) for key in keys]
-    panels = panels[:MAX_CURVE_PANELS]
-    if not panels:
+    """One row of panels per training log (at most MAX_CURVE_ROWS), its curve_panels in the columns."""
+    rows = [(entry, curve_panels(entry["series"])) for entry in logs if entry["kind"] == "log"]
+    rows = [(entry, panels) for entry, panels in rows if panels][:MAX_CURVE_ROWS]
+    if not rows:
         return False
     plt = _plt()
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
-    for ax, (entry, key) in zip(axes.flat, panels):
-        x, y = entry["series"][key]
-        ax.plot(x, y, lw=0.8, alpha=0.5 if len(y) > 50 else 1.0, marker="" if len(y) > 30 else ".")
-        if len(y) > 50:  # a moving average shows the trend through noisy per-step values
-            w = max(5, len(y) // 25)
-            ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), lw=1.5, color="C1")
-        ax.set_title(f"{entry['stage']}: {key}", fontsize=9)
-        ax.set_xlabel(entry["x"], fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+    cols = max(len(panels) for _, panels in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.5 * cols, 2.6 * len(rows)), squeeze=False)
+    for r, (entry, panels) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            if c >= len(panels):
+                ax.axis("off")
+                continue
+            title, keys = panels[c]
+            for k, key in enumerate(keys):
+                x, y = entry["series"][key]
+                colour = f"C{k}" if len(keys) > 1 else "C0"
+                if key == VALIDATION_KEY:  # a few evaluations: markers, not a noisy line
+                    ax.plot(x, y, "s-", ms=4, lw=1, color="C3", label="validation")
+                    continue
+                label = key.rsplit("/", 1)[-1] if len(keys) > 1 else None
+                smooth = len(y) > 50
+                ax.plot(x, y, lw=0.8, alpha=0.35 if smooth else 1.0, color=colour, marker="" if len(y) > 30 else ".",
+                        label=None if smooth else label)
+                if smooth:  # a centred moving average shows the trend through noisy per-step values
+                    trend = colour if len(keys) > 1 else "C1"
+                    ax.plot(*moving_average(x, y, max(5, len(y) // 25)), lw=1.6, color=trend, label=label)
+            if len(keys) > 1:
+                ax.legend(fontsize=8, loc="best")
+            ax.set_title(f"{entry['stage']}: {title}", fontsize=10)
+            ax.set_xlabel(entry["x"], fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -526,13 +616,14 @@ def plot_compute(path: Path, compute: dict[str, dict]) -> bool:
         ax.text(left, y, f" {left:.0f} s wall, {cpu:.0f} s CPU", va="center", fontsize=8)
     ax.set_xlim(0, 1.35 * max(sum(compute[m]["per_stage"].values()) for m in methods))
     ax.invert_yaxis()  # methods top to bottom in config order
-    ax.legend(fontsize=8, loc="lower right")
+    # below the axes: inside, it would cover the bar of whichever method is longest at the bottom
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(4, len(stages)), frameon=False)
     ax.set_yticks(range(len(methods)), [m.upper() for m in methods])
     ax.set_xlabel("wall-clock seconds (Snakemake benchmark)")
     ax.set_title("Training cost per method, reward model included", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend below the axes
     plt.close(fig)
     return True
 
@@ -584,11 +675,14 @@ def run(cfg: Config, results_dir: Path, out_path: Path) -> dict:
             md.append(markdown_table(["model"] + [metric_label(c) for c in paired], metrics_rows(metrics, paired)))
         drawn["metrics.png"] = plot_metrics(fig_dir / "metrics.png", metrics,
                                             list(PLOT_METRICS) + list(cfg.evaluate.scorers))
-        table_cols = absolute + [c for c in ("win_rate", "exact_delta") if c in paired]
-        drawn["metrics_table.png"] = plot_table(
-            fig_dir / "metrics_table.png", ["model"] + [metric_label(c) for c in table_cols],
-            metrics_rows(metrics, table_cols), "Held-out metrics: mean [95% interval]"
-        )
+        # the base model against itself is 0.5 / 0 by construction: left out of the paired image table
+        versus_base = {m: d for m, d in metrics.items() if m != "base"}
+        drawn["metrics_table.png"] = plot_table(fig_dir / "metrics_table.png", [
+            ("Held-out metrics: mean [95% bootstrap interval over prompts]",
+             ["model"] + [metric_label(c) for c in absolute], metrics_rows(metrics, absolute)),
+            ("Against the base model, same prompts and seeds (win rate: 0.5 = no change; Δ: model - base)",
+             ["model"] + [metric_label(c) for c in paired], metrics_rows(versus_base, paired)),
+        ])
         if drawn["metrics.png"]:
             md += ["", f"![metrics]({_link(fig_dir / 'metrics.png', here)})"]
     else:
@@ -610,8 +704,11 @@ def run(cfg: Config, results_dir: Path, out_path: Path) -> dict:
 
     # ---- reward model and thresholds ----
     md += ["", "## Latent reward model and thresholds", ""]
-    for rel, what in (("lrm/accuracy_by_t.png", "LRM accuracy by timestep (eval_lrm)"),
-                      ("calibration/thresholds.png", "Thresholds th(t) (calibrate)")):
+    stage_plots = [("lrm/accuracy_by_t.png", "LRM accuracy by timestep (eval_lrm)")]
+    if "spo" in methods:
+        stage_plots.append(("spm/reward_models_by_t.png", "LRM vs SPO's pixel model by timestep (eval_spm)"))
+    stage_plots.append(("calibration/thresholds.png", "Thresholds th(t) (calibrate)"))
+    for rel, what in stage_plots:
         if (results / rel).is_file():
             md += [f"{what}:", "", f"![{what}]({_link(results / rel, here)})", ""]
         else:
@@ -621,7 +718,7 @@ def run(cfg: Config, results_dir: Path, out_path: Path) -> dict:
     if accuracy.is_file():
         scalars = _scalars(json.loads(accuracy.read_text()))
         if scalars:
-            rows = [[k, fmt_scalar(v)] for k, v in list(scalars.items())[:12]]
+            rows = [[k, fmt_scalar(v)] for k, v in list(scalars.items())[:20]]
             md += [markdown_table(["lrm/accuracy.json", "value"], rows)]
 
     # ---- training curves ----

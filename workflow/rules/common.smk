@@ -70,12 +70,19 @@ def stage_cmd(stage, rule=None):
     return f"{launcher(rule or stage)} {stage} --config {CFG}"
 
 
-def mem_mb(rule, default=4000):
-    return int(config["resources"]["mem_mb"].get(rule, default))
+def rule_resources(name, gpus_of=None):
+    """Scheduler resources of one rule, from the config's `resources` section (used as `**rule_resources(name)`).
 
-
-def runtime(rule, default=60):
-    return int(config["resources"]["runtime"].get(rule, default))
+    `gpu` always (0 = none; `gpus_of` names another rule's entry); `mem_mb` and `runtime` only where the config
+    sets them, so that a profile's default-resources apply to the others (a fixed fallback here would hide them).
+    """
+    res = config["resources"]
+    out = {"gpu": gpus(gpus_of or name)}
+    if name in res["mem_mb"]:
+        out["mem_mb"] = int(res["mem_mb"][name])
+    if name in res["runtime"]:
+        out["runtime"] = int(res["runtime"][name])
+    return out
 
 
 def base_inputs(wildcards):

@@ -32,9 +32,7 @@ rule pretrain_base:
         section=section("backbone", "pretrain"),
         workdir=lambda wildcards, output: os.path.dirname(output.metrics),
     resources:
-        gpu=gpus("pretrain_base"),
-        mem_mb=mem_mb("pretrain_base"),
-        runtime=runtime("pretrain_base"),
+        **rule_resources("pretrain_base"),
     conda:
         "../../envs/lpo.yaml"
     shell:
@@ -74,7 +72,7 @@ rule download:
         section=section("download", "annotator"),
         base=lambda wildcards, input: f"--base {input.base}" if "base" in input.keys() else "",
     resources:
-        gpu=gpus("download"),
+        **rule_resources("download"),
     conda:
         "../../envs/lpo.yaml"
     shell:
@@ -95,9 +93,7 @@ rule precompute_latents:
         cmd=stage_cmd("latents", "precompute_latents"),
         section=section("latents"),
     resources:
-        gpu=gpus("precompute_latents"),
-        mem_mb=mem_mb("precompute_latents"),
-        runtime=runtime("precompute_latents"),
+        **rule_resources("precompute_latents"),
     conda:
         "../../envs/lpo.yaml"
     shell:

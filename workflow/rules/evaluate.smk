@@ -20,7 +20,7 @@ rule evaluate:
         section=section("evaluate"),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     resources:
-        gpu=gpus("evaluate"),
+        **rule_resources("evaluate"),
     conda:
         "../../envs/lpo.yaml"
     shell:
@@ -38,26 +38,31 @@ rule report:
             f"{RES}/figures/metrics.png",
             caption="../report/metrics.rst",
             category="Evaluation",
+            labels={"figure": "Metrics with 95% intervals"},
         ),
         table=report(
             f"{RES}/figures/metrics_table.png",
             caption="../report/metrics_table.rst",
             category="Evaluation",
+            labels={"figure": "Metrics table"},
         ),
         grid=report(
             f"{RES}/figures/grid.png",
             caption="../report/grid.rst",
             category="Evaluation",
+            labels={"figure": "Samples: same seed, every model"},
         ),
         curves=report(
             f"{RES}/figures/training_curves.png",
             caption="../report/training_curves.rst",
             category="Training",
+            labels={"figure": "Training curves"},
         ),
         compute=report(
             f"{RES}/figures/compute.png",
             caption="../report/compute.rst",
             category="Compute",
+            labels={"figure": "Training cost per method"},
         ),
     log:
         f"{RES}/logs/report.log",

@@ -18,9 +18,7 @@ rule optimize:
         ),
         workdir=f"{RES}/optimize/{{method}}",
     resources:
-        gpu=gpus("optimize"),
-        mem_mb=mem_mb("optimize"),
-        runtime=runtime("optimize"),
+        **rule_resources("optimize"),
     conda:
         "../../envs/lpo.yaml"
     shell:

@@ -16,9 +16,7 @@ rule train_lrm:
         section=section("lrm", "train_lrm"),
         workdir=lambda wildcards, output: os.path.dirname(output[0]),
     resources:
-        gpu=gpus("train_lrm"),
-        mem_mb=mem_mb("train_lrm"),
-        runtime=runtime("train_lrm"),
+        **rule_resources("train_lrm"),
     conda:
         "../../envs/lpo.yaml"
     shell:
@@ -35,6 +33,7 @@ rule eval_lrm:
             f"{RES}/lrm/accuracy_by_t.png",
             caption="../report/lrm_accuracy.rst",
             category="Reward model",
+            labels={"figure": "LRM accuracy by timestep"},
         ),
     log:
         f"{RES}/logs/eval_lrm.log",
@@ -44,7 +43,7 @@ rule eval_lrm:
         cmd=stage_cmd("eval_lrm"),
         section=section("eval_lrm"),
     resources:
-        gpu=gpus("eval_lrm"),
+        **rule_resources("eval_lrm"),
     conda:
         "../../envs/lpo.yaml"
     shell:
@@ -64,6 +63,7 @@ rule eval_spm:
             f"{RES}/spm/reward_models_by_t.png",
             caption="../report/reward_models.rst",
             category="Reward model",
+            labels={"figure": "LRM vs SPO pixel model by timestep"},
         ),
     log:
         f"{RES}/logs/eval_spm.log",
@@ -73,7 +73,7 @@ rule eval_spm:
         cmd=stage_cmd("eval_lrm", "eval_spm"),
         section=section("eval_lrm", "train_spm"),
     resources:
-        gpu=gpus("eval_lrm"),
+        **rule_resources("eval_spm", gpus_of="eval_lrm"),
     conda:
         "../../envs/lpo.yaml"
     shell:
@@ -93,6 +93,7 @@ rule calibrate:
             f"{RES}/calibration/thresholds.png",
             caption="../report/thresholds.rst",
             category="Reward model",
+            labels={"figure": "Thresholds th(t) of LPO"},
         ),
     log:
         f"{RES}/logs/calibrate.log",
@@ -102,7 +103,7 @@ rule calibrate:
         cmd=stage_cmd("calibrate"),
         section=section("calibrate", "optimize"),
     resources:
-        gpu=gpus("calibrate"),
+        **rule_resources("calibrate"),
     conda:
         "../../envs/lpo.yaml"
     shell:
@@ -124,9 +125,7 @@ rule train_spm:
         section=section("train_spm"),
         workdir=lambda wildcards, output: os.path.dirname(output[0]),
     resources:
-        gpu=gpus("train_spm"),
-        mem_mb=mem_mb("train_spm"),
-        runtime=runtime("train_spm"),
+        **rule_resources("train_spm"),
     conda:
         "../../envs/lpo.yaml"
     shell:
