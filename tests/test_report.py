@@ -73,7 +73,7 @@ def full(tmp_path) -> Path:
     writer.close()
     (res / "optimize" / "lpo" / "summary.json").write_text(json.dumps({"iterations": 10, "kept": {"share": 0.2}}))
     (res / "benchmarks").mkdir()
-    for stage, sec in {"train_lrm": 100.0, "calibrate": 20.0, "optimize_lpo": 240.0, "optimize_dpo": 300.0,
+    for stage, sec in {"train_lrm": 80.0, "eval_lrm": 20.0, "calibrate": 20.0, "optimize_lpo": 240.0, "optimize_dpo": 300.0,
                        "evaluate_base": 10.0}.items():
         row = f"{sec}\t0:01:40\t500.5\t900\tNA\tNA\t1\t2\t90\t{2 * sec}\n"
         (res / "benchmarks" / f"{stage}.tsv").write_text(BENCH_HEADER + row)
@@ -98,7 +98,7 @@ def test_full_report(cfg, full):
     with Image.open(full / "figures" / "grid.png") as im:
         assert im.height > 300  # 3 prompt rows, not the placeholder
     # compute: per stage and per method with the reward model included; quality per compute
-    assert "| LPO | train_lrm + calibrate + optimize_lpo | 360.0 | 720.0 | - |" in md
+    assert "| LPO | train_lrm + eval_lrm + calibrate + optimize_lpo | 360.0 | 720.0 | - |" in md
     assert "| SPO | train_spm + optimize_spo | n/a | n/a | train_spm, optimize_spo |" in md
     assert "| LPO | 0.100 [0.050, 0.150] | 0.600 [0.550, 0.650] | 0.100 | 1.000 [0.500, 1.500] |" in md
     # logs: both read, the half line counted; the summary's scalars listed
@@ -139,7 +139,7 @@ def test_benchmarks_average_repeats_and_tolerate_na(tmp_path):
     bench = report.read_benchmarks(tmp_path)
     assert bench["x"]["wall_s"] == 15.0 and bench["x"]["cpu_s"] == 5.0 and np.isnan(bench["x"]["max_rss_mb"])
     comp = report.method_compute({"train_lrm": {"wall_s": 1.0, "cpu_s": 2.0}}, ["lpo", "dpo"])
-    assert comp["lpo"]["wall_s"] == 1.0 and comp["lpo"]["missing"] == ["calibrate", "optimize_lpo"]
+    assert comp["lpo"]["wall_s"] == 1.0 and comp["lpo"]["missing"] == ["eval_lrm", "calibrate", "optimize_lpo"]
     assert np.isnan(comp["dpo"]["wall_s"])
 
 

@@ -13,7 +13,7 @@ Reads whatever the experiment has produced and says what is missing instead of f
   iteration or epoch, else the line number), or, where a stage wrote none, its TensorBoard scalars (tb/)
   -> figures/training_curves.png; and the scalars of summary.json files;
 - benchmarks/*.tsv (Snakemake `benchmark:` files) -> wall and CPU seconds per stage and per method, reward
-  model included (LPO = train_lrm + calibrate + optimize_lpo, SPO = train_spm + optimize_spo,
+  model included (LPO = train_lrm + eval_lrm + calibrate + optimize_lpo, SPO = train_spm + optimize_spo,
   DPO = optimize_dpo; METHOD.md section 4, Tab. 6), quality per compute, figures/compute.png.
 
 Every figure in FIGURES is always written (a placeholder that names the missing input when there is no data),
@@ -45,7 +45,7 @@ FIG_DIR = "figures"
 FIGURES = ("metrics.png", "metrics_table.png", "grid.png", "training_curves.png", "compute.png")
 # Stages whose benchmark seconds make up each method's training cost (reward model included).
 METHOD_STAGES: dict[str, tuple[str, ...]] = {
-    "lpo": ("train_lrm", "calibrate", "optimize_lpo"),
+    "lpo": ("train_lrm", "eval_lrm", "calibrate", "optimize_lpo"),  # calibrate gates on eval_lrm
     "spo": ("train_spm", "optimize_spo"),
     "dpo": ("optimize_dpo",),
 }
