@@ -200,7 +200,7 @@ def test_sbatch_command_lines(repo_root, tmp_path, experiment, profile, scenario
             assert "--cpus-per-task" not in options, rule
             # the rule starts one process per GPU on that node
             if gpus > 1:
-                assert f"accelerate launch --config_file config/accelerate/ddp.yaml --num_processes {gpus} -m lpo" in (
+                assert f"-m accelerate.commands.launch --config_file config/accelerate/ddp.yaml --num_processes {gpus} -m lpo" in (
                     commands[rule]
                 ), commands.get(rule)
             else:

@@ -1,8 +1,10 @@
 # Shared set-up: schema validation, the resolved config every stage reads, input functions and launchers.
 import json
 import os
+import sys
 
 import yaml
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 
@@ -17,9 +19,13 @@ METHODS = list(config["optimize"]["methods"])
 MODELS = ["base"] + METHODS
 # Shipped weights of the shapes base model (what SD1.5 on the hub is to the real worlds).
 SHIPPED_SHAPES_BASE = "lpo/assets/shapes_base"
-# How rules start Python. PYTHONPATH is inline because Snakemake drops an exported one for conda jobs
-# (ECOSYSTEM.md section 5), and with --use-conda `lpo` itself is not installed in the env.
-PY = f"PYTHONPATH={workflow.basedir} python"
+# How rules start Python. With --use-conda: the env's `python`; otherwise the interpreter running Snakemake (the
+# venv's, even when Snakemake was started as .venv/bin/snakemake without activating the venv: a bare `python`
+# would then be the system one, without the lock's packages). PYTHONPATH is inline because Snakemake drops an
+# exported one for conda jobs (ECOSYSTEM.md section 5), and with --use-conda `lpo` itself is not installed.
+USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+PYTHON = "python" if USES_CONDA else sys.executable
+PY = f"PYTHONPATH={workflow.basedir} {PYTHON}"
 
 
 def _write_resolved_config():
@@ -59,7 +65,7 @@ def launcher(rule):
     n = gpus(rule)
     if n > 1:
         return (
-            f"PYTHONPATH={workflow.basedir} accelerate launch --config_file config/accelerate/ddp.yaml"
+            f"{PY} -m accelerate.commands.launch --config_file config/accelerate/ddp.yaml"
             f" --num_processes {n} -m lpo"
         )
     return f"{PY} -m lpo"
