@@ -5,6 +5,7 @@ the toy latents of test_train_lrm (the winner's posterior mean is +1 on every el
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -102,11 +103,25 @@ def test_resume_after_a_kill_ends_with_identical_weights(base_dir, latents, tmp_
     assert strip(read_log(straight)) == strip(read_log(killed))  # same losses step by step, no duplicates
 
 
-def test_a_checkpoint_of_another_config_is_an_error(base_dir, latents, tmp_path):
+def test_a_checkpoint_of_another_config_or_other_inputs_is_not_resumed(base_dir, latents, tmp_path, caplog):
     work = tmp_path / "spm"
     T.run(toy_config(steps=2, eval_every=2, checkpoint_every=2, eval_timesteps=[0]), latents, base_dir, work)
-    with pytest.raises(T.TrainSpmError, match="another train_spm config"):
-        T.run(toy_config(steps=2, lr=1e-4, eval_timesteps=[0]), latents, base_dir, work)
+    caplog.set_level("INFO", logger="lpo.train_spm")
+    T.run(toy_config(steps=3, eval_every=3, checkpoint_every=3, eval_timesteps=[0]), latents, base_dir, work)
+    assert "resumed from" in caplog.text and "starting over" not in caplog.text  # same config: extends the run
+
+    caplog.clear()
+    T.run(toy_config(steps=2, lr=1e-4, eval_timesteps=[0]), latents, base_dir, work)
+    assert "starting over" in caplog.text and "resumed from" not in caplog.text
+
+    # The same config on other latents (an upstream rule re-ran): the index files' bytes differ.
+    other = tmp_path / "latents2"
+    shutil.copytree(latents, other)
+    index = other / "train-index.json"
+    index.write_text(json.dumps(json.loads(index.read_text()), indent=3))
+    caplog.clear()
+    T.run(toy_config(steps=2, lr=1e-4, eval_timesteps=[0]), other, base_dir, work)
+    assert "starting over" in caplog.text and "resumed from" not in caplog.text
 
 
 @pytest.mark.parametrize("change,match", [

@@ -55,7 +55,7 @@ from lpo.losses import bradley_terry_loss, per_prompt_weights
 from lpo.reward.lrm import LatentRewardModel
 from lpo.stages.eval_lrm import PairScorer, accuracy_by_t, dedupe, noisy_pair, pair_correct, score_pairs
 from lpo.stages.eval_lrm import chunked_batches  # noqa: F401 - re-exported: lpo.reward.pixel imports it from here
-from lpo.utils import atomic_dir, read_json, setup_logging, write_json
+from lpo.utils import atomic_dir, read_json, setup_logging, training_inputs_digest, write_json
 
 log = logging.getLogger("lpo.train_lrm")
 
@@ -133,33 +133,13 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a small file, or of (size, first and last MiB) of a big one (weights of GBs)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        if size <= 4 << 20:
-            h.update(fh.read())
-        else:
-            h.update(str(size).encode())
-            h.update(fh.read(1 << 20))
-            fh.seek(-(1 << 20), os.SEEK_END)
-            h.update(fh.read())
-    return h.hexdigest()
-
-
 def run_fingerprint(cfg: Config, latents_dir: Path, base_dir: Path, world_size: int) -> str:
     """What a checkpoint must match to be resumed: lrm + train_lrm sections, seed, world size and the inputs
     (the latents' split indexes and the base model's configs and weight files)."""
     h = hashlib.sha256()
     h.update(json.dumps([to_dict(cfg.lrm), to_dict(cfg.train_lrm), cfg.experiment.seed, world_size],
                         sort_keys=True).encode())
-    files = sorted(latents_dir.glob("*-index.json")) + sorted(
-        p for p in base_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")
-    )
-    for path in files:
-        h.update(str(path.relative_to(base_dir) if path.is_relative_to(base_dir) else path.name).encode())
-        h.update(_file_digest(path).encode())
+    h.update(training_inputs_digest(latents_dir, base_dir).encode())
     return h.hexdigest()[:20]
 
 

@@ -27,7 +27,8 @@ at the end), ``summary.json`` (best step, validations, per-step cost: U-Net pass
 Resume: rerun the same command. The randomness of step s is a pure function of (seed, s, rank)
 (``lpo.stages.train_lrm.step_generator``) and its data position is (s // batches, s % batches) of
 ``PairLoader.iterate``, so the checkpoint needs no generator state and a resumed run ends, on CPU, with the
-same weights as an uninterrupted one. A checkpoint of a different config section or world size is an error.
+same weights as an uninterrupted one. A checkpoint of another config section, world size or input data is
+ignored (training starts over, with a warning).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from lpo.reward.pixel import (
 )
 from lpo.sampling import images_to_tensor
 from lpo.stages.train_lrm import pair_correct, step_generator
-from lpo.utils import setup_logging, write_json
+from lpo.utils import setup_logging, training_inputs_digest, write_json
 
 log = logging.getLogger("lpo.train_spm")
 
@@ -108,11 +109,12 @@ def check_timesteps(cfg: Config, num_train_timesteps: int) -> None:
         raise ConfigError(f"train_spm.eval_timesteps {bad}: outside [0, {num_train_timesteps - 1}]")
 
 
-def fingerprint(cfg: Config, world_size: int) -> str:
-    """What a checkpoint must match to be resumed: the train_spm section, the seed and the world size
-    (``steps`` excluded, so a finished run can be extended)."""
+def fingerprint(cfg: Config, world_size: int, latents_dir: Path, base_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: the train_spm section, the seed, the world size and the
+    inputs' content (latent shards, base model); ``steps`` excluded, so a finished run can be extended."""
     section = {k: v for k, v in to_dict(cfg.train_spm).items() if k not in ("steps", "eval_every", "checkpoint_every")}
-    doc = json.dumps({"train_spm": section, "seed": cfg.experiment.seed, "world": world_size}, sort_keys=True)
+    doc = json.dumps({"train_spm": section, "seed": cfg.experiment.seed, "world": world_size,
+                      "inputs": training_inputs_digest(latents_dir, base_dir)}, sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
@@ -265,13 +267,15 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
 
     # ---- resume ------------------------------------------------------------------------------------------
     ckpt = out_dir / CHECKPOINT_NAME
-    fp = fingerprint(cfg, world)
+    fp = fingerprint(cfg, world, latents_dir, base_dir)
     step, best, history = 0, {"metric": -math.inf, "step": None, "state": None, "acc_by_t": None}, []
-    if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("fingerprint") != fp:
-            raise TrainSpmError(f"{ckpt}: checkpoint of another train_spm config, seed or number of processes; "
-                                f"delete {out_dir / 'checkpoints'} to start over")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.is_file() else None
+    if saved is not None and (saved.get("format") != CHECKPOINT_FORMAT or saved.get("fingerprint") != fp):
+        # Snakemake re-runs this rule when its config section or an input changed: resuming would skip training.
+        log.warning("%s: checkpoint of another train_spm config, seed, number of processes or input data; "
+                    "starting over", ckpt)
+        saved = None
+    if saved is not None:
         _load_trainable(spm, saved["trainable"], ckpt)
         optimizer.load_state_dict(saved["optimizer"])
         step, best, history = int(saved["step"]), saved["best"], saved["history"]
