@@ -23,7 +23,7 @@ from lpo.methods import dpo as D
 from lpo.policy import build_policy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_lrm import write_toy_latents  # noqa: E402
+from latents_helpers import write_toy_latents  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

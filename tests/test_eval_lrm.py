@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 from diffusers import DDPMScheduler
-from test_train_lrm import toy_config, write_toy_latents
+from latents_helpers import write_toy_latents
+from test_train_lrm import toy_config
 
 from lpo import cli
 from lpo.backbones import build_tiny_sd15, sd_scheduler

@@ -19,7 +19,7 @@ from lpo.reward import pixel as P
 from lpo.reward.pixel import SpmError, SpmText, StepAwarePixelModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_lrm import write_toy_latents  # noqa: E402
+from latents_helpers import write_toy_latents  # noqa: E402
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 

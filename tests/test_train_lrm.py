@@ -29,43 +29,7 @@ from lpo.losses import bradley_terry_loss, per_prompt_weights
 from lpo.reward.lrm import LatentRewardModel
 from lpo.stages import train_lrm as T
 
-PROMPTS = ["a red circle on a blue background", "a green square on a white background", "a cat", "a dog"]
-LONG_CAPTION = "a very long caption " * 40  # > 77 CLIP tokens
-
-
-# --------------------------------------------------------------------------------------------------------
-# Toy data (also used by test_eval_lrm.py)
-# --------------------------------------------------------------------------------------------------------
-
-
-def toy_samples(n: int, split: str, seed: int, offset: float = 1.0, nan_at: int | None = None,
-                long_caption_at: int | None = None):
-    """Pairs whose winner has a +offset mean; every 8th pair is a tie (no offset); 4 prompts."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        means = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
-        winner = int(rng.integers(0, 2))
-        tie = i % 8 == 7
-        if not tie:
-            means[winner] += offset
-        labels = (0.5, 0.5) if tie else ((1.0, 0.0) if winner == 0 else (0.0, 1.0))
-        if i == nan_at:
-            means[0, 0, 0, 0] = np.nan
-        caption = LONG_CAPTION if i == long_caption_at else PROMPTS[i % len(PROMPTS)]
-        std = np.full((4, 8, 8), 0.1, np.float32)
-        differ = [["fg"], ["shape"], ["fg", "shape"], []][i % 4]
-        yield {"key": f"{split}-r{i:05d}", "mean0": means[0], "std0": std, "mean1": means[1], "std1": std,
-               "meta": {"caption": caption, "label_0": labels[0], "label_1": labels[1], "split": split,
-                        "prompt_key": f"p{PROMPTS.index(caption) if caption in PROMPTS else 9}",
-                        "ranking_id": i, "differ": differ}}
-
-
-def write_toy_latents(out: Path, n_train: int = 40, n_val: int = 16, n_test: int = 16, shards: int = 2, **kw) -> Path:
-    write_shards(toy_samples(n_train, "train", 0, **kw), out, "train", shards)
-    write_shards(toy_samples(n_val, "val", 1), out, "val", shards)
-    write_shards(toy_samples(n_test, "test", 2), out, "test", shards)
-    return out
-
+from latents_helpers import PROMPTS, run_killed, toy_samples, write_toy_latents  # noqa: F401
 
 def toy_config(lrm: dict | None = None, **train_lrm):
     base = {"steps": 12, "batch_size": 8, "lr": 1e-3, "head_lr": 1e-2, "warmup_steps": 2, "eval_every": 6,
@@ -190,20 +154,9 @@ def test_resume_after_a_kill_ends_with_identical_weights(base_dir, latents, tmp_
     T.run(cfg, latents, base_dir, straight)
 
     killed = tmp_path / "killed"
-    real_loss, calls = T.bradley_terry_loss, {"n": 0}
-
-    def dies_in_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(T, "bradley_terry_loss", dies_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        T.run(cfg, latents, base_dir, killed)
+    run_killed(monkeypatch, T, "bradley_terry_loss", 5, lambda: T.run(cfg, latents, base_dir, killed))
     assert json.loads((killed / "checkpoints" / "latest.json").read_text())["step"] == 3
     assert not (killed / "model").exists()  # the model folder appears only at the end
-    monkeypatch.setattr(T, "bradley_terry_loss", real_loss)
     summary = T.run(cfg, latents, base_dir, killed)
     assert summary["resumed_from"] == 3
 

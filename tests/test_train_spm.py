@@ -21,7 +21,7 @@ from lpo.reward.pixel import StepAwarePixelModel
 from lpo.stages import train_spm as T
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_lrm import write_toy_latents  # noqa: E402
+from latents_helpers import run_killed, write_toy_latents  # noqa: E402
 
 
 def toy_config(**train_spm):
@@ -78,20 +78,9 @@ def test_resume_after_a_kill_ends_with_identical_weights(base_dir, latents, tmp_
     T.run(cfg, latents, base_dir, straight)
 
     killed = tmp_path / "killed"
-    real_loss, calls = T.bradley_terry_loss, {"n": 0}
-
-    def dies_in_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(T, "bradley_terry_loss", dies_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        T.run(cfg, latents, base_dir, killed)
+    run_killed(monkeypatch, T, "bradley_terry_loss", 5, lambda: T.run(cfg, latents, base_dir, killed))
     assert torch.load(killed / "checkpoints" / "state.pt", weights_only=False)["step"] == 3
     assert not (killed / "model").exists()  # the model folder appears only at the end
-    monkeypatch.setattr(T, "bradley_terry_loss", real_loss)
     T.run(cfg, latents, base_dir, killed)
 
     a = torch.load(straight / "checkpoints" / "state.pt", weights_only=False)
