@@ -297,3 +297,37 @@ def load_checkpoint(path: str | Path, policy: Policy, optimizer: torch.optim.Opt
     policy.load_trainable_state_dict(state["trainable"], str(path))
     optimizer.load_state_dict(state["optimizer"])
     return state
+
+
+@dataclasses.dataclass
+class TrainingStart:
+    """What an optimize method's loop starts from: the prepared U-Net and optimiser, this rank's generator,
+    the running totals and the first iteration (0, or the checkpoint's)."""
+
+    train_unet: Any
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    totals: Any
+    start: int
+
+
+def start_training(policy: Policy, cfg: OptimizeConfig, accelerator: Any, checkpoint: Path, generator_seed: int,
+                   totals_cls: type, unit: str = "iteration") -> TrainingStart:
+    """Text encoders to the device, AdamW over the trainable parameters, accelerate's prepare, and a resume from
+    ``checkpoint`` when it exists (weights, optimiser, this rank's generator state and ``totals_cls`` totals).
+    Shared by the LPO/SPO loop and Diffusion-DPO."""
+    device, rank = accelerator.device, accelerator.process_index
+    for module in policy.backbone.text_encoders():
+        module.to(device)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                  weight_decay=cfg.weight_decay, eps=1e-8)
+    train_unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    generator = torch.Generator().manual_seed(generator_seed)
+    totals, start = totals_cls(), 0
+    state = load_checkpoint(checkpoint, policy, optimizer, accelerator.num_processes)
+    if state is not None:
+        start = int(state["iteration"])
+        generator.set_state(state["rng"][rank])
+        totals = totals_cls(**state["extra"]["totals"])
+        log.info("resumed from %s at %s %d", checkpoint, unit, start)
+    return TrainingStart(train_unet, optimizer, generator, totals, start)

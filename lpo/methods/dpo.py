@@ -41,7 +41,7 @@ from lpo.data.loader import PairLoader
 from lpo.data.shards import ShardError, read_split_index
 from lpo.losses import diffusion_dpo_loss, per_sample_mse
 from lpo.methods import MethodInputs
-from lpo.policy import Policy, check_policy_config, load_checkpoint, save_checkpoint
+from lpo.policy import Policy, check_policy_config, save_checkpoint, start_training
 from lpo.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -224,20 +224,10 @@ def train(cfg: Config, policy: Policy, inputs: MethodInputs, workdir: Path, acce
         raise ConfigError(f"{inputs.latents_dir}: the train split has {loader.index['n_samples']} pairs, fewer than "
                           f"optimize.dpo_batch_size {ocfg.dpo_batch_size} x {world} processes")
     bb = policy.backbone
-    for module in bb.text_encoders():
-        module.to(device)
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=ocfg.lr, betas=(0.9, 0.999),
-                                  weight_decay=ocfg.weight_decay, eps=1e-8)
-    train_unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    generator = torch.Generator().manual_seed(seed * 1_000 + rank + 7)
     ckpt = workdir / CHECKPOINT_NAME
-    totals, start = DpoTotals(), 0
-    state = load_checkpoint(ckpt, policy, optimizer, world)
-    if state is not None:
-        start = int(state["iteration"])
-        generator.set_state(state["rng"][rank])
-        totals = DpoTotals(**state["extra"]["totals"])
-        log.info("resumed from %s at step %d", ckpt, start)
+    begin = start_training(policy, ocfg, accelerator, ckpt, seed * 1_000 + rank + 7, DpoTotals, unit="step")
+    train_unet, optimizer, generator = begin.train_unet, begin.optimizer, begin.generator
+    totals, start = begin.totals, begin.start
     captions = CaptionCache(bb, device)
     writer = None
     if is_main:

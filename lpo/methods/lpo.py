@@ -39,7 +39,7 @@ from lpo.config import Config, ConfigError, OptimizeConfig
 from lpo.diffusion import cfg_noise_pred, ddim_sigmas, ddim_step_split, ddim_timesteps, sample_children, step_log_prob
 from lpo.losses import lpo_loss, pair_gap
 from lpo.methods import MethodInputs
-from lpo.policy import WEIGHT_DTYPES, Policy, check_policy_config, load_checkpoint, save_checkpoint
+from lpo.policy import WEIGHT_DTYPES, Policy, check_policy_config, save_checkpoint, start_training
 from lpo.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -545,20 +545,10 @@ def step_level_loop(
     device = accelerator.device
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     bb = policy.backbone
-    for module in bb.text_encoders():
-        module.to(device)
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=ocfg.lr, betas=(0.9, 0.999),
-                                  weight_decay=ocfg.weight_decay, eps=1e-8)
-    train_unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    generator = torch.Generator().manual_seed(rank_seed(cfg.experiment.seed, rank))
     ckpt = workdir / CHECKPOINT_NAME
-    totals, start = Totals(), 0
-    state = load_checkpoint(ckpt, policy, optimizer, world)
-    if state is not None:
-        start = int(state["iteration"])
-        generator.set_state(state["rng"][rank])
-        totals = Totals(**state["extra"]["totals"])
-        log.info("resumed from %s at iteration %d", ckpt, start)
+    begin = start_training(policy, ocfg, accelerator, ckpt, rank_seed(cfg.experiment.seed, rank), Totals)
+    train_unet, optimizer, generator = begin.train_unet, begin.optimizer, begin.generator
+    totals, start = begin.totals, begin.start
     uncond = bb.null_embeds(1).to(device)
     num_train = int(bb.scheduler.config.num_train_timesteps)
     latent_shape = (bb.latent_channels, bb.latent_size, bb.latent_size)
