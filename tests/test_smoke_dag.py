@@ -34,6 +34,20 @@ def test_smoke_dag_runs_end_to_end(repo_root, tmp_path):
     assert len(list((res / "logs").glob("*.log"))) >= 12
     assert len(list((res / "benchmarks").glob("*.tsv"))) >= 11
     print(f"smoke DAG: {seconds:.0f} s")
+    # the latent-ceiling diagnostic (scripts/latent_ceiling.py, README "LRM") runs on the DAG's data and base
+    out = tmp_path / "latent_ceiling.json"
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "scripts" / "latent_ceiling.py"), "--config", "config/smoke.yaml", "--data", "data/shapes-smoke",
+         "--base", "results/smoke/base", "--out", str(out), "--probe-epochs", "1"],
+        cwd=wf, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ceiling = json.loads(out.read_text())
+    assert ceiling["n_decided"] > 0
+    for key in ("pair_accuracy_reward_on_image", "pair_accuracy_reward_on_round_trip"):
+        assert 0.0 <= ceiling[key] <= 1.0, key
+    assert set(ceiling["round_trip_attribute_agreement"]) == {"fg", "shape", "bg"}
+    assert 0.0 <= ceiling["probe"]["pair_accuracy"] <= 1.0
     # a second run has nothing to do
     again = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/smoke.yaml"],
