@@ -92,6 +92,8 @@ def attribute_labels(images: np.ndarray, world) -> np.ndarray:
 def train_probe(latents: torch.Tensor, labels: torch.Tensor, classes: list[int], epochs: int, seed: int) -> nn.Module:
     """A 3-conv CNN with one softmax head per attribute, trained on clean latents (with left-right mirroring)."""
     torch.manual_seed(seed)
+    found = (labels >= 0).all(dim=1)  # the oracle reads -1 where it finds no object: nothing to learn there
+    latents, labels = latents[found], labels[found]
     c, h, w = latents.shape[1:]
     net = nn.Sequential(
         nn.Conv2d(c, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(),
