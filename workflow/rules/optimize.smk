@@ -12,7 +12,9 @@ rule optimize:
         f"{RES}/benchmarks/optimize_{{method}}.tsv"
     params:
         cmd=stage_cmd("optimize"),
-        section=section("optimize", "calibrate"),
+        # not `calibrate`: LPO sees the calibration through its thresholds file (an input), and a calibration
+        # change must not re-run SPO and Diffusion-DPO
+        section=section("optimize"),
         extra=lambda wildcards, input: " ".join(
             f"--{key} {input[key]}" for key in ("lrm", "thresholds", "spm", "latents", "world", "data") if key in input.keys()
         ),
