@@ -34,6 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lpo.config import load_config  # noqa: E402
+from lpo.sampling import decode_images  # noqa: E402
 from lpo.stages.latents import encode_posterior, image_to_array, load_vae  # noqa: E402
 from lpo.world import oracle  # noqa: E402
 from lpo.world.annotator import reward  # noqa: E402
@@ -67,16 +68,6 @@ def encode(vae, images: np.ndarray, resolution: int, batch: int = 256) -> torch.
     return torch.cat([encode_posterior(vae, pixels[i:i + batch])[0] for i in range(0, len(pixels), batch)])
 
 
-@torch.no_grad()
-def decode(vae, latents: torch.Tensor, batch: int = 256) -> np.ndarray:
-    """VAE decodes (N, H, W, 3) uint8 of latents in the diffusion model's units."""
-    shift = vae.config.get("shift_factor") or 0.0
-    out = [vae.decode(latents[i:i + batch] / vae.config.scaling_factor + shift).sample
-           for i in range(0, len(latents), batch)]
-    pixels = (torch.cat(out).clamp(-1, 1) + 1) * 127.5
-    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def pair_accuracy(score_0: np.ndarray, score_1: np.ndarray, label_0: np.ndarray, label_1: np.ndarray) -> tuple[float, int]:
     """Share of decided labels (not (0.5, 0.5)) whose winner has the higher score; equal scores count 0.5."""
     decided = label_0 != label_1
@@ -84,9 +75,9 @@ def pair_accuracy(score_0: np.ndarray, score_1: np.ndarray, label_0: np.ndarray,
     return float(right[decided].mean()), int(decided.sum())
 
 
-def attribute_labels(images: np.ndarray, world) -> np.ndarray:
-    det = oracle.detect(images, world)
-    return np.stack([det[a] for a in ATTRIBUTES], axis=1).astype(np.int64)  # (N, 3)
+def attribute_labels(det: dict[str, np.ndarray]) -> np.ndarray:
+    """The oracle's detected (fg, shape, bg) indices of each image, (N, 3); -1 where it found no object."""
+    return np.stack([det[a] for a in ATTRIBUTES], axis=1).astype(np.int64)
 
 
 def train_probe(latents: torch.Tensor, labels: torch.Tensor, classes: list[int], epochs: int, seed: int) -> nn.Module:
@@ -127,18 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     world, data_dir = cfg.world, Path(args.data)
     vae = load_vae(args.base)
     resolution = world.resolution
+    classes = [len(world.colours), len(world.shapes), len(world.colours)]  # the order of ATTRIBUTES
     test = read_split(data_dir, "test")
     triples = [parse_prompt(c, world) for c in test["caption"]]
+    target = triple_indices(triples, world)  # (P, 3)
     result: dict = {"data": str(data_dir), "base": args.base, "n_test_pairs": len(triples)}
 
-    # 1 + 2: the annotator's reward and the oracle's attributes on the images and on their VAE round trips
-    rewards, attrs = {}, {}
+    # 1 + 2: the annotator's reward and the oracle's attributes on the images and on their VAE round trips,
+    # both from one detection per image set
+    rewards, attrs, latents = {}, {}, {}
     for side in ("0", "1"):
         images = test[f"images_{side}"]
-        round_trip = decode(vae, encode(vae, images, resolution))
+        latents[side] = encode(vae, images, resolution)
+        round_trip = decode_images(vae, latents[side])
         for name, imgs in (("image", images), ("round_trip", round_trip)):
-            rewards[name, side] = reward(oracle.judge(imgs, triples, world), cfg.annotator)
-            attrs[name, side] = attribute_labels(imgs, world)
+            det = oracle.detect(imgs, world)
+            rewards[name, side] = reward(oracle.judge_detection(det, target), cfg.annotator)
+            attrs[name, side] = attribute_labels(det)
     for name in ("image", "round_trip"):
         acc, n = pair_accuracy(rewards[name, "0"], rewards[name, "1"], test["label_0"], test["label_1"])
         result[f"pair_accuracy_reward_on_{name}"] = acc
@@ -151,14 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_epochs > 0:
         train = read_split(data_dir, "train")
         train_images = np.concatenate([train["images_0"], train["images_1"]])
-        net = train_probe(encode(vae, train_images, resolution), torch.from_numpy(attribute_labels(train_images, world)),
-                          [len(world.colours), len(world.shapes), len(world.colours)], args.probe_epochs, cfg.experiment.seed)
-        target = triple_indices(triples, world)  # (P, 3)
+        train_labels = torch.from_numpy(attribute_labels(oracle.detect(train_images, world)))
+        net = train_probe(encode(vae, train_images, resolution), train_labels, classes, args.probe_epochs,
+                          cfg.experiment.seed)
         right, per_attribute = {}, []
         with torch.no_grad():
             for side in ("0", "1"):
-                logits = torch.split(net(encode(vae, test[f"images_{side}"], resolution)),
-                                     [len(world.colours), len(world.shapes), len(world.colours)], dim=1)
+                logits = torch.split(net(latents[side]), classes, dim=1)
                 pred = torch.stack([z.argmax(1) for z in logits], 1).numpy()
                 per_attribute.append(pred == attrs["image", side])
                 right[side] = (pred == target).sum(1)
