@@ -48,6 +48,39 @@ def test_smoke_dag_runs_end_to_end(repo_root, tmp_path):
         assert 0.0 <= ceiling[key] <= 1.0, key
     assert set(ceiling["round_trip_attribute_agreement"]) == {"fg", "shape", "bg"}
     assert 0.0 <= ceiling["probe"]["pair_accuracy"] <= 1.0
+    # the sibling-ranking diagnostic (scripts/sibling_ranking.py, README "LPO") on the DAG's base, LRM and thresholds
+    out = tmp_path / "sibling" / "sibling_ranking.json"
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "scripts" / "sibling_ranking.py"), "--config", "config/smoke.yaml",
+         "--base", "results/smoke/base", "--lrm", "results/smoke/lrm/model", "--world", "results/smoke/world",
+         "--thresholds", "results/smoke/calibration/thresholds.json", "--prompts", "3", "--out", str(out)],
+        cwd=wf, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sibling = json.loads(out.read_text())
+    k = sibling["num_children"]
+    assert len(sibling["steps"]) == sibling["ddim_steps"]
+    for step in sibling["steps"]:
+        assert step["pairs"] == 3 * k * (k - 1) // 2
+        for scorer in ("lrm_parent", "lrm_child", "x0hat_judge"):
+            c = step["concordance"][scorer]
+            assert 0 <= c["agree"] <= c["judged"] <= step["pairs"]
+        assert step["best_worst"]["kept"]["pairs"] <= step["best_worst"]["all"]["pairs"] == 3
+    assert out.with_suffix(".png").stat().st_size > 0
+    # LPO with the judge's rollout reward (scripts/oracle_lpo.py, README "LPO"): one iteration, a loadable policy
+    over = tmp_path / "oracle_over.yaml"
+    over.write_text("optimize:\n  iterations: 1\n  prompts_per_iteration: 2\n")
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "scripts" / "oracle_lpo.py"), "--config", "config/smoke.yaml",
+         "--config", str(over), "--base", "results/smoke/base", "--world", "results/smoke/world",
+         "--workdir", str(tmp_path / "oracle" / "work"), "--out", str(tmp_path / "oracle" / "policy")],
+        cwd=wf, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "oracle" / "work" / "summary.json").read_text())
+    assert summary["method"] == "lpo-oracle" and summary["iterations"] == 1
+    assert summary["tuples_kept"] >= 0
+    assert (tmp_path / "oracle" / "policy" / "unet").is_dir() and (tmp_path / "oracle" / "policy" / "lora").is_dir()
     # a second run has nothing to do
     again = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/smoke.yaml"],
