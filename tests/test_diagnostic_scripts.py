@@ -56,3 +56,17 @@ def test_oracle_refuses_a_world_without_a_judge(repo_root, tmp_path):
     cfg = load_config(repo_root / "config" / "sd15.yaml")
     with pytest.raises(ConfigError, match="shapes world"):
         ol.check(cfg, None)
+
+
+def test_sibling_lrm_pairs_are_judged_ordered_and_split_by_prompt(repo_root):
+    sl = load_script(repo_root, "sibling_lrm")
+    rewards = np.array([[[1.0, 0.5, 0.52], [0.2, 0.2, 0.9]],
+                        [[0.0, 0.0, 0.0], [0.3, 0.1, 0.2]]])  # (N=2 steps, B=2 prompts, K=3)
+    rows = sl.preference_pairs(rewards, np.array([True, True]), 0.05)
+    assert rows.shape == (2 + 2 + 0 + 3, 4)
+    for step, prompt, w, l in rows:  # every row's winner beats its loser by at least the tie margin
+        assert rewards[step, prompt, w] - rewards[step, prompt, l] >= 0.05
+    assert (0, 0, 1, 2) not in {tuple(r) for r in rows} and (0, 0, 2, 1) not in {tuple(r) for r in rows}  # a tie
+    held_out = sl.preference_pairs(rewards, np.array([False, True]), 0.05)
+    assert set(held_out[:, 1]) == {1} and len(held_out) == 2 + 3
+    assert sl.preference_pairs(rewards, np.array([False, False]), 0.05).shape == (0, 4)
