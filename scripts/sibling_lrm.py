@@ -11,6 +11,8 @@ model's U-Net encoder half on x_t, the same heads) the question LPO asks, with t
    by >= annotator.tie_margin is a preference pair (x_w, x_l, parent t, prompt);
 2. training: Bradley-Terry on those pairs (lpo.losses.bradley_terry_loss), the children scored at the parent's
    t (`optimize.lrm_timestep: parent`), starting from `--lrm`, AdamW on the U-Net encoder half and the heads;
+   with `--labels annotator` each train pair is ordered by one draw of the simulated annotator (noisy, as the
+   preference data's labels) instead of the noiseless reward;
 3. held-out: the pairs of every 5th prompt are never trained on; their concordance per timestep quarter is
    measured every `--eval-every` steps; the best checkpoint by overall held-out concordance is written to
    `--out` (an LRM folder `optimize --lrm` loads), with `sibling_lrm.json` beside it.
@@ -45,6 +47,7 @@ from lpo.reward.lrm import LatentRewardModel  # noqa: E402
 from lpo.sampling import decode_images  # noqa: E402
 from lpo.stages.calibrate import rollout_to_x0, shapes_judge  # noqa: E402
 from lpo.utils import read_json, write_json  # noqa: E402
+from lpo.world.annotator import annotate  # noqa: E402
 
 BUCKETS = ((750, 999), (500, 749), (250, 499), (0, 249))
 HELD_OUT_EVERY = 5  # prompts whose index in the train split is a multiple of this are held out
@@ -96,6 +99,22 @@ def preference_pairs(rewards: np.ndarray, use_prompt: np.ndarray, tie_margin: fl
     return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
 
 
+def annotator_labels(rewards: np.ndarray, rows: np.ndarray, annotator, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """`rows` re-ordered by the simulated annotator's sampled labels instead of the noiseless reward.
+
+    Each pair gets one Bradley-Terry draw (lpo.world.annotator.annotate, temperature annotator.temperature), as
+    the preference data's labels; where the annotator prefers the judge's loser, winner and loser swap. Returns
+    the rows and the share swapped. Only pairs the judge tells apart come in, so no draw is a tie.
+    """
+    r_w = rewards[rows[:, 0], rows[:, 1], rows[:, 2]]
+    r_l = rewards[rows[:, 0], rows[:, 1], rows[:, 3]]
+    label_w, _ = annotate(r_w, r_l, annotator, rng)
+    swap = label_w == 0.0
+    out = rows.copy()
+    out[swap, 2], out[swap, 3] = rows[swap, 3], rows[swap, 2]
+    return out, float(swap.mean()) if len(rows) else 0.0
+
+
 def score_pairs(lrm, data: dict, rows: np.ndarray, enc, null_enc) -> tuple[torch.Tensor, torch.Tensor]:
     """LRM scores (P,) of the winners and the losers of `rows`, at the parent's t."""
     idx_step, idx_prompt = rows[:, 0], rows[:, 1]
@@ -138,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4, help="U-Net learning rate (heads: 3x)")
     parser.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every N steps")
     parser.add_argument("--seed", type=int, default=11, help="seed of the rollouts and the pair sampling")
+    parser.add_argument("--labels", choices=("reward", "annotator"), default="reward",
+                        help="train-pair order: the judge's noiseless reward, or the simulated annotator's sampled "
+                             "labels (noisy, as the preference data); held-out pairs always use the reward")
+    parser.add_argument("--rollouts", default=None, metavar="NPZ",
+                        help="cache of the judged rollouts: loaded if the file exists, written after computing if not")
     args = parser.parse_args(argv)
     cfg = load_config(*args.config)
     if cfg.experiment.world != "shapes":
@@ -150,12 +174,31 @@ def main(argv: list[str] | None = None) -> int:
     triples = [split["triples"][i] for i in index]
 
     start = time.perf_counter()
-    data = sibling_rollouts(cfg, load_pipeline_folder(args.base), prompts, triples, args.children, args.seed)
+    cache = Path(args.rollouts) if args.rollouts else None
+    if cache is not None and cache.exists():
+        with np.load(cache) as f:
+            data = {key: f[key] for key in ("children", "rewards", "timesteps")}
+        if data["rewards"].shape[1:] != (args.prompts, args.children):
+            raise SystemExit(f"sibling_lrm: {cache} holds rollouts of {data['rewards'].shape[1:]} (prompts, children), "
+                             f"not ({args.prompts}, {args.children}); delete it or pass matching --prompts/--children")
+        print(f"rollouts: loaded {cache}", flush=True)
+    else:
+        data = sibling_rollouts(cfg, load_pipeline_folder(args.base), prompts, triples, args.children, args.seed)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(cache.name + ".partial.npz")  # never taken for a finished cache
+            np.savez(partial, **data)
+            partial.replace(cache)
     rollout_s = time.perf_counter() - start
     held_out = index % HELD_OUT_EVERY == 0
     tie = cfg.annotator.tie_margin
     train_rows = preference_pairs(data["rewards"], ~held_out, tie)
     val_rows = preference_pairs(data["rewards"], held_out, tie)
+    swapped = 0.0
+    if args.labels == "annotator":
+        train_rows, swapped = annotator_labels(data["rewards"], train_rows, cfg.annotator,
+                                               np.random.default_rng(args.seed + 1))
+        print(f"annotator labels: {swapped:.3f} of the train pairs ordered against the noiseless reward", flush=True)
     print(f"pairs: {len(train_rows)} train, {len(val_rows)} held out ({int(held_out.sum())} prompts)", flush=True)
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise SystemExit(f"sibling_lrm: the judge told no sibling pair apart in the {'train' if len(train_rows) == 0 else 'held-out'} "
@@ -194,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 lrm.train()
     write_json(out.parent / "sibling_lrm.json", {
         "init_lrm": args.lrm, "base": args.base, "prompts": args.prompts, "children": args.children,
-        "seed": args.seed, "pairs_train": int(len(train_rows)), "pairs_held_out": int(len(val_rows)),
+        "seed": args.seed, "labels": args.labels, "train_pairs_swapped_by_annotator": swapped,
+        "pairs_train": int(len(train_rows)), "pairs_held_out": int(len(val_rows)),
         "best_held_out_concordance": best, "history": history, "rollout_seconds": round(rollout_s, 1),
         "seconds": round(time.perf_counter() - start, 1)})
     print(f"wrote {out} (best held-out concordance {best:.3f})")

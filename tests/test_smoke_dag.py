@@ -69,18 +69,21 @@ def test_smoke_dag_runs_end_to_end(repo_root, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     # the LRM fine-tuned on judged sibling pairs (scripts/sibling_lrm.py, README "LPO"): a loadable LRM folder
     out = tmp_path / "sibling_lrm" / "model"
-    proc = subprocess.run(
-        [sys.executable, str(repo_root / "scripts" / "sibling_lrm.py"), "--config", "config/smoke.yaml",
-         "--base", "results/smoke/base", "--lrm", "results/smoke/lrm/model", "--world", "results/smoke/world",
-         "--out", str(out), "--prompts", "10", "--children", "3", "--steps", "2", "--batch-size", "8",
-         "--eval-every", "1"],
-        cwd=wf, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    record = json.loads((out.parent / "sibling_lrm.json").read_text())
-    assert record["pairs_train"] > 0 and record["pairs_held_out"] > 0
-    assert [h["step"] for h in record["history"]] == [0, 1, 2]
-    assert 0.0 <= record["best_held_out_concordance"] <= 1.0
+    sibling_cmd = [
+        sys.executable, str(repo_root / "scripts" / "sibling_lrm.py"), "--config", "config/smoke.yaml",
+        "--base", "results/smoke/base", "--lrm", "results/smoke/lrm/model", "--world", "results/smoke/world",
+        "--out", str(out), "--prompts", "10", "--children", "3", "--steps", "2", "--batch-size", "8",
+        "--eval-every", "1", "--rollouts", str(tmp_path / "sibling_lrm" / "rollouts.npz"),
+    ]
+    for labels in ("reward", "annotator"):  # the second run loads the first one's rollouts
+        proc = subprocess.run(sibling_cmd + ["--labels", labels], cwd=wf, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        record = json.loads((out.parent / "sibling_lrm.json").read_text())
+        assert record["labels"] == labels and record["pairs_train"] > 0 and record["pairs_held_out"] > 0
+        assert [h["step"] for h in record["history"]] == [0, 1, 2]
+        assert 0.0 <= record["best_held_out_concordance"] <= 1.0
+    assert "rollouts: loaded" in proc.stdout
     from lpo.reward.lrm import LatentRewardModel
 
     assert LatentRewardModel.from_pretrained(out).vfe_scale > 0
