@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "latents": "lpo.stages.latents",
     "train_lrm": "lpo.stages.train_lrm",
     "eval_lrm": "lpo.stages.eval_lrm",
+    "sibling_lrm": "lpo.stages.sibling_lrm",
     "calibrate": "lpo.stages.calibrate",
     "train_spm": "lpo.stages.train_spm",
     "optimize": "lpo.stages.optimize",

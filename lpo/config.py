@@ -236,6 +236,29 @@ class CalibrateConfig:
 
 
 @dataclass(frozen=True)
+class SiblingLrmConfig:
+    enabled: bool = _f(
+        False,
+        "Fine-tune the LRM on rollout-judged sibling pairs before LPO (stage sibling_lrm; shapes world only; not "
+        "the paper's recipe, README 'LPO'). LPO's calibrate and optimize then use results/<name>/sibling_lrm/model.",
+    )
+    prompts: int = _f(128, "Train-split prompts of the judged rollouts (cycled when the split is smaller).")
+    children: int = _f(8, "K of the rollouts: K (K - 1) / 2 sibling pairs per prompt-step.")
+    held_out_every: int = _f(5, "Prompts whose index is a multiple of this are held out (the pairs that pick the checkpoint).")
+    steps: int = _f(400, "Optimiser steps.")
+    batch_size: int = _f(64, "Pairs per step.")
+    lr: float = _f(1e-4, "Learning rate of the U-Net encoder half.")
+    head_lr_scale: float = _f(3.0, "Learning rate of the heads = lr x this.")
+    eval_every: int = _f(100, "Held-out evaluation (and checkpoint choice) every N steps.")
+    labels: Literal["reward", "annotator"] = _f(
+        "reward",
+        "Order of a train pair: the judge's noiseless reward, or one draw of the simulated annotator (noisy, as the "
+        "preference data's labels). Held-out pairs always use the reward.",
+    )
+    seed: int = _f(11, "Seed of the rollouts, the annotator draws and the pair sampling.")
+
+
+@dataclass(frozen=True)
 class LoraConfig:
     rank: int = _f(8, "LoRA rank (0 is rejected; use full_finetune instead).")
     alpha: Optional[float] = _f(None, "LoRA alpha (None = rank).")
@@ -353,6 +376,7 @@ class Config:
     lrm: LrmConfig = _f(LrmConfig(), "The latent reward model.")
     train_lrm: TrainLrmConfig = _f(TrainLrmConfig(), "train_lrm.")
     eval_lrm: EvalLrmConfig = _f(EvalLrmConfig(), "eval_lrm.")
+    sibling_lrm: SiblingLrmConfig = _f(SiblingLrmConfig(), "Optional: the LRM fine-tuned on sibling pairs for LPO.")
     calibrate: CalibrateConfig = _f(CalibrateConfig(), "Timestep-threshold calibration.")
     optimize: OptimizeConfig = _f(OptimizeConfig(), "LPO, SPO and Diffusion-DPO.")
     train_spm: TrainSpmConfig = _f(TrainSpmConfig(), "SPO's step-aware pixel reward model.")

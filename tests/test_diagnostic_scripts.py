@@ -57,32 +57,3 @@ def test_oracle_refuses_a_world_without_a_judge(repo_root, tmp_path):
     with pytest.raises(ConfigError, match="shapes world"):
         ol.check(cfg, None)
 
-
-def test_sibling_lrm_pairs_are_judged_ordered_and_split_by_prompt(repo_root):
-    sl = load_script(repo_root, "sibling_lrm")
-    rewards = np.array([[[1.0, 0.5, 0.52], [0.2, 0.2, 0.9]],
-                        [[0.0, 0.0, 0.0], [0.3, 0.1, 0.2]]])  # (N=2 steps, B=2 prompts, K=3)
-    rows = sl.preference_pairs(rewards, np.array([True, True]), 0.05)
-    assert rows.shape == (2 + 2 + 0 + 3, 4)
-    for step, prompt, w, l in rows:  # every row's winner beats its loser by at least the tie margin
-        assert rewards[step, prompt, w] - rewards[step, prompt, l] >= 0.05
-    assert (0, 0, 1, 2) not in {tuple(r) for r in rows} and (0, 0, 2, 1) not in {tuple(r) for r in rows}  # a tie
-    held_out = sl.preference_pairs(rewards, np.array([False, True]), 0.05)
-    assert set(held_out[:, 1]) == {1} and len(held_out) == 2 + 3
-    assert sl.preference_pairs(rewards, np.array([False, False]), 0.05).shape == (0, 4)
-
-
-def test_sibling_lrm_annotator_labels_swap_only_where_the_annotator_disagrees(repo_root):
-    sl = load_script(repo_root, "sibling_lrm")
-    cfg = load_config(repo_root / "config" / "config.yaml")
-    rewards = np.zeros((1, 1, 3))
-    rewards[0, 0] = [2.0, 0.0, 1.94]  # pair (0, 1) far apart; pair (0, 2) just past the tie margin
-    rows = sl.preference_pairs(rewards, np.array([True]), cfg.annotator.tie_margin)
-    many = np.repeat(rows, 2000, axis=0)
-    out, swapped = sl.annotator_labels(rewards, many, cfg.annotator, np.random.default_rng(0))
-    assert {tuple(sorted(r[2:])) for r in out} == {tuple(sorted(r[2:])) for r in many}  # same pairs, maybe reordered
-    far = (many[:, 2] == 0) & (many[:, 3] == 1)
-    assert (out[far] == many[far]).all()  # a reward gap of 2 at temperature 0.1: never swapped
-    near = (many[:, 2] == 0) & (many[:, 3] == 2)
-    share = (out[near, 2] == 2).mean()  # sigmoid(-0.06 / 0.1) = 0.354 of these swapped
-    assert 0.30 < share < 0.41 and 0.0 < swapped < 1.0

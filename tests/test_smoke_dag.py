@@ -67,26 +67,28 @@ def test_smoke_dag_runs_end_to_end(repo_root, tmp_path):
             assert 0 <= c["agree"] <= c["judged"] <= step["pairs"]
         assert step["best_worst"]["kept"]["pairs"] <= step["best_worst"]["all"]["pairs"] == 3
     assert out.with_suffix(".png").stat().st_size > 0
-    # the LRM fine-tuned on judged sibling pairs (scripts/sibling_lrm.py, README "LPO"): a loadable LRM folder
-    out = tmp_path / "sibling_lrm" / "model"
-    sibling_cmd = [
-        sys.executable, str(repo_root / "scripts" / "sibling_lrm.py"), "--config", "config/smoke.yaml",
-        "--base", "results/smoke/base", "--lrm", "results/smoke/lrm/model", "--world", "results/smoke/world",
-        "--out", str(out), "--prompts", "10", "--children", "3", "--steps", "2", "--batch-size", "8",
-        "--eval-every", "1", "--rollouts", str(tmp_path / "sibling_lrm" / "rollouts.npz"),
-    ]
-    for labels in ("reward", "annotator"):  # the second run loads the first one's rollouts
-        proc = subprocess.run(sibling_cmd + ["--labels", labels], cwd=wf, env=env, capture_output=True, text=True,
-                              timeout=300)
+    # stage sibling_lrm (README "LPO"; a rule only with sibling_lrm.enabled) on the DAG's base, LRM and world:
+    # once with the reward's labels writing the rollout cache, once with the annotator's loading it
+    out = tmp_path / "sibling_lrm"
+    for labels in ("reward", "annotator"):
+        over = tmp_path / f"sibling_{labels}.yaml"
+        over.write_text("sibling_lrm:\n  prompts: 10\n  children: 3\n  steps: 2\n  batch_size: 8\n  eval_every: 1\n"
+                        f"  labels: {labels}\n")
+        proc = subprocess.run(
+            [sys.executable, "-m", "lpo", "sibling_lrm", "--config", "config/smoke.yaml", "--config", str(over),
+             "--base", "results/smoke/base", "--lrm", "results/smoke/lrm/model", "--world", "results/smoke/world",
+             "--out", str(out), "--rollouts", str(tmp_path / "rollouts.npz")],
+            cwd=wf, env=env, capture_output=True, text=True, timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        record = json.loads((out.parent / "sibling_lrm.json").read_text())
-        assert record["labels"] == labels and record["pairs_train"] > 0 and record["pairs_held_out"] > 0
+        record = json.loads((out / "sibling_lrm.json").read_text())
+        assert record["config"]["labels"] == labels and record["pairs_train"] > 0 and record["pairs_held_out"] > 0
         assert [h["step"] for h in record["history"]] == [0, 1, 2]
         assert 0.0 <= record["best_held_out_concordance"] <= 1.0
-    assert "rollouts: loaded" in proc.stdout
+    assert "rollouts: loaded" in proc.stdout + proc.stderr
     from lpo.reward.lrm import LatentRewardModel
 
-    assert LatentRewardModel.from_pretrained(out).vfe_scale > 0
+    assert LatentRewardModel.from_pretrained(out / "model").vfe_scale > 0
     # LPO with the judge's rollout reward (scripts/oracle_lpo.py, README "LPO"): one iteration, a loadable policy
     over = tmp_path / "oracle_over.yaml"
     over.write_text("optimize:\n  iterations: 1\n  prompts_per_iteration: 2\n")

@@ -53,3 +53,21 @@ def test_schema_rejects_unknown_key(repo_root, tmp_path):
     proc = snakemake(wf, "-n", "--configfile", "bad.yaml")
     assert proc.returncode != 0
     assert "lrr" in proc.stdout + proc.stderr
+
+
+def test_sibling_lrm_rule_feeds_lpo_only_when_enabled(repo_root, tmp_path):
+    wf = workflow_copy(repo_root, tmp_path)
+    default = snakemake(wf, "-n", "-p")
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert "rule sibling_lrm" not in default.stdout and "sibling_lrm/model" not in default.stdout
+    proc = snakemake(wf, "-n", "-p", "--configfile", "config/shapes-sibling.yaml")
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "rule sibling_lrm" in out or "localrule sibling_lrm" in out
+    commands = [line for line in out.splitlines() if " -m lpo " in line]
+    calibrate = next(c for c in commands if " -m lpo calibrate " in c)
+    optimize = next(c for c in commands if " -m lpo optimize " in c)
+    evaluate = [c for c in commands if " -m lpo evaluate " in c]
+    assert "--lrm results/shapes-sibling/sibling_lrm/model " in calibrate
+    assert "--lrm results/shapes-sibling/sibling_lrm/model " in optimize
+    assert evaluate and all("--lrm results/shapes-sibling/lrm/model " in c for c in evaluate)  # evaluation's LRM stays

@@ -17,6 +17,10 @@ RES = f"results/{NAME}"
 DATASET = config["download"]["dataset"]
 METHODS = list(config["optimize"]["methods"])
 MODELS = ["base"] + METHODS
+# The LRM that LPO's calibrate and optimize read: train_lrm's (the paper's recipe), or, with sibling_lrm.enabled,
+# the same model fine-tuned on rollout-judged sibling pairs (rule sibling_lrm; README "LPO"). evaluate and
+# eval_lrm always use train_lrm's.
+LPO_LRM = f"{RES}/sibling_lrm/model" if config["sibling_lrm"]["enabled"] else f"{RES}/lrm/model"
 # Shipped weights of the shapes base model (what SD1.5 on the hub is to the real worlds).
 SHIPPED_SHAPES_BASE = "lpo/assets/shapes_base"
 # How rules start Python. With --use-conda: the env's `python`; otherwise the interpreter running Snakemake (the
@@ -119,7 +123,7 @@ def optimize_inputs(wildcards):
     """Each method's inputs: LPO needs the LRM and thresholds, SPO its pixel model, DPO the latent shards."""
     inputs = {"base": f"{RES}/base"}
     if wildcards.method == "lpo":
-        inputs |= {"lrm": f"{RES}/lrm/model", "thresholds": f"{RES}/calibration/thresholds.json"}
+        inputs |= {"lrm": LPO_LRM, "thresholds": f"{RES}/calibration/thresholds.json"}
     elif wildcards.method == "spo":
         inputs |= {"spm": f"{RES}/spm/model"}
     else:

@@ -81,9 +81,39 @@ rule eval_spm:
         " --spm {input.spm} --out {output.accuracy} --plot {output.plot} > {log} 2>&1"
 
 
+# Optional (sibling_lrm.enabled; shapes only): the LRM fine-tuned on judged sibling pairs of LPO's own sampler.
+# model/ is a subfolder, so that `lrm` inputs name an LRM folder as train_lrm's do.
+rule sibling_lrm:
+    input:
+        base=f"{RES}/base",
+        lrm=f"{RES}/lrm/model",
+        world=f"{RES}/world",
+    output:
+        model=directory(f"{RES}/sibling_lrm/model"),
+        summary=f"{RES}/sibling_lrm/sibling_lrm.json",
+    log:
+        f"{RES}/logs/sibling_lrm.log",
+    benchmark:
+        f"{RES}/benchmarks/sibling_lrm.tsv"
+    params:
+        cmd=stage_cmd("sibling_lrm"),
+        # the sampler's fields of `optimize`, not the whole section: a change of t_min or beta must not re-run
+        # ~20 minutes of rollouts
+        section=section("sibling_lrm", "annotator", "world")
+        + json.dumps({k: config["optimize"][k] for k in ("ddim_steps", "cfg", "eta")}, sort_keys=True),
+        outdir=lambda wildcards, output: os.path.dirname(output.summary),
+    resources:
+        **rule_resources("sibling_lrm"),
+    conda:
+        "../../envs/lpo.yaml"
+    shell:
+        "{params.cmd} --base {input.base} --lrm {input.lrm} --world {input.world} --out {params.outdir}"
+        " > {log} 2>&1"
+
+
 rule calibrate:
     input:
-        lrm=f"{RES}/lrm/model",
+        lrm=LPO_LRM,
         accuracy=f"{RES}/lrm/accuracy.json",
         base=f"{RES}/base",
         prompts=prompt_source,
