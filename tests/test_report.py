@@ -141,6 +141,9 @@ def test_benchmarks_average_repeats_and_tolerate_na(tmp_path):
     comp = report.method_compute({"train_lrm": {"wall_s": 1.0, "cpu_s": 2.0}}, ["lpo", "dpo"])
     assert comp["lpo"]["wall_s"] == 1.0 and comp["lpo"]["missing"] == ["eval_lrm", "calibrate", "optimize_lpo"]
     assert np.isnan(comp["dpo"]["wall_s"])
+    with_sibling = report.method_compute({"train_lrm": {"wall_s": 1.0, "cpu_s": 2.0},
+                                          "sibling_lrm": {"wall_s": 5.0, "cpu_s": 6.0}}, ["lpo"])
+    assert with_sibling["lpo"]["wall_s"] == 6.0 and with_sibling["lpo"]["per_stage"]["sibling_lrm"] == 5.0
 
 
 def test_curve_series_picks_the_step_key_and_numeric_values():

@@ -333,6 +333,8 @@ def method_compute(bench: dict[str, dict], methods: list[str]) -> dict[str, dict
     out = {}
     for method in methods:
         stages = METHOD_STAGES.get(method, (f"optimize_{method}",))
+        if method == "lpo" and "sibling_lrm" in bench:  # sibling_lrm.enabled: LPO's LRM cost that stage too
+            stages = stages + ("sibling_lrm",)
         have = [s for s in stages if s in bench]
         out[method] = {
             "stages": list(stages),
