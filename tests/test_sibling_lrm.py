@@ -37,7 +37,7 @@ def test_annotator_labels_swap_only_where_the_annotator_disagrees(repo_root):
 
 def test_concordance_by_bucket_counts_per_timestep_quarter():
     right = np.array([True, False, True, True])
-    out = sl.concordance_by_bucket(right, np.array([999, 800, 300, 49]))
+    out = sl.concordance_by_bucket(right, np.array([999, 800, 300, 49]), 1000)
     assert out["all"] == {"value": 0.75, "pairs": 4}
     assert out["t750-999"] == {"value": 0.5, "pairs": 2}
     assert out["t500-749"] == {"value": None, "pairs": 0}

@@ -39,16 +39,17 @@ from lpo.backbones import BackboneError, load_pipeline_folder
 from lpo.config import Config, ConfigError, load_config, to_dict
 from lpo.diffusion import cfg_noise_pred, ddim_step_split, ddim_timesteps, sample_children
 from lpo.losses import bradley_terry_loss
-from lpo.reward.lrm import CONFIG_NAME as LRM_CONFIG_NAME
+from lpo.methods.lpo import NUM_BUCKETS, timestep_bucket
 from lpo.reward.lrm import LatentRewardModel
 from lpo.sampling import decode_images
-from lpo.stages.calibrate import rollout_to_x0, shapes_judge
+from lpo.stages.calibrate import check_lrm_dir, load_scheduler, rollout_to_x0, shapes_judge
 from lpo.utils import atomic_dir, read_json, setup_logging, write_json
 from lpo.world.annotator import annotate
 
 log = logging.getLogger("lpo.sibling_lrm")
 
-BUCKETS = ((750, 999), (500, 749), (250, 499), (0, 249))
+# smallest allowed value of each integer key of the sibling_lrm section (check)
+MINIMUMS = {"prompts": 1, "children": 2, "held_out_every": 2, "steps": 1, "batch_size": 1, "eval_every": 1}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -58,9 +59,8 @@ BUCKETS = ((750, 999), (500, 749), (250, 499), (0, 249))
 def preference_pairs(rewards: np.ndarray, use_prompt: np.ndarray, tie_margin: float) -> np.ndarray:
     """(P, 4) int rows (step, prompt, winner child, loser child) of all sibling pairs the judge tells apart
     (r_w - r_l >= tie_margin), for the prompts (columns of rewards (N, B, K)) where use_prompt (B,) is true."""
-    steps, _, k = rewards.shape
     rows = []
-    for i in range(steps):
+    for i in range(rewards.shape[0]):
         for b in np.flatnonzero(use_prompt):
             diff = rewards[i, b][:, None] - rewards[i, b][None, :]  # (K, K): diff[w, l] = r_w - r_l
             for w, l in zip(*np.nonzero(diff >= tie_margin)):
@@ -85,12 +85,17 @@ def annotator_labels(rewards: np.ndarray, rows: np.ndarray, annotator: Any, rng:
     return out, float(swap.mean()) if len(rows) else 0.0
 
 
-def concordance_by_bucket(right: np.ndarray, timesteps: np.ndarray) -> dict[str, dict[str, Any]]:
-    """{"all" | "t<lo>-<hi>": {value, pairs}}: share of pairs ordered right, overall and per timestep quarter."""
+def concordance_by_bucket(right: np.ndarray, timesteps: np.ndarray, num_train_timesteps: int
+                          ) -> dict[str, dict[str, Any]]:
+    """{"all" | "t<lo>-<hi>": {value, pairs}}: share of pairs ordered right, overall and per quarter of the
+    timestep range (lpo.methods.lpo.timestep_bucket, the buckets optimize logs), high noise first."""
     out = {"all": {"value": float(right.mean()) if len(right) else None, "pairs": int(len(right))}}
-    for lo, hi in BUCKETS:
-        mask = (timesteps >= lo) & (timesteps <= hi)
-        out[f"t{lo}-{hi}"] = {"value": float(right[mask].mean()) if mask.any() else None, "pairs": int(mask.sum())}
+    labels = np.array([timestep_bucket(int(t), num_train_timesteps) for t in timesteps])
+    width = num_train_timesteps // NUM_BUCKETS
+    for b in reversed(range(NUM_BUCKETS)):
+        label = timestep_bucket(b * width, num_train_timesteps)
+        mask = labels == label
+        out[label] = {"value": float(right[mask].mean()) if mask.any() else None, "pairs": int(mask.sum())}
     return out
 
 
@@ -143,14 +148,14 @@ def score_pairs(lrm: LatentRewardModel, data: dict, rows: np.ndarray, enc: Any, 
 
 @torch.no_grad()
 def held_out_concordance(lrm: LatentRewardModel, data: dict, rows: np.ndarray, enc: Any, null_enc: Any,
-                         chunk: int = 512) -> dict[str, dict[str, Any]]:
+                         num_train_timesteps: int, chunk: int = 512) -> dict[str, dict[str, Any]]:
     lrm.eval()
     right = [np.zeros(0, dtype=bool)]
     for i in range(0, len(rows), chunk):
         s_w, s_l = score_pairs(lrm, data, rows[i:i + chunk], enc, null_enc)
         right.append((s_w > s_l).numpy())
     lrm.train()
-    return concordance_by_bucket(np.concatenate(right), data["timesteps"][rows[:, 0]])
+    return concordance_by_bucket(np.concatenate(right), data["timesteps"][rows[:, 0]], num_train_timesteps)
 
 
 def check(cfg: Config, lrm_dir: Path, world_dir: Path) -> None:
@@ -158,17 +163,15 @@ def check(cfg: Config, lrm_dir: Path, world_dir: Path) -> None:
     sc = cfg.sibling_lrm
     if cfg.experiment.world != "shapes":
         raise ConfigError(f"sibling_lrm: needs the shapes world's judge (experiment.world is {cfg.experiment.world!r})")
-    for key in ("prompts", "children", "held_out_every", "steps", "batch_size", "eval_every"):
-        if getattr(sc, key) < (2 if key in ("children", "held_out_every") else 1):
-            raise ConfigError(f"sibling_lrm.{key}: expected >= {2 if key in ('children', 'held_out_every') else 1}, "
-                              f"got {getattr(sc, key)}")
+    for key, minimum in MINIMUMS.items():
+        if getattr(sc, key) < minimum:
+            raise ConfigError(f"sibling_lrm.{key}: expected >= {minimum}, got {getattr(sc, key)}")
     if sc.prompts < sc.held_out_every + 1:
         raise ConfigError(f"sibling_lrm.prompts ({sc.prompts}) must exceed held_out_every ({sc.held_out_every}): "
                           "both a train and a held-out prompt are needed")
     if not sc.lr > 0 or not sc.head_lr_scale > 0:
         raise ConfigError(f"sibling_lrm.lr and head_lr_scale must be > 0, got {sc.lr} and {sc.head_lr_scale}")
-    if not (lrm_dir / LRM_CONFIG_NAME).is_file():
-        raise ConfigError(f"{lrm_dir}: not an LRM folder (no {LRM_CONFIG_NAME}; run the train_lrm rule first)")
+    check_lrm_dir(lrm_dir)
     if not (world_dir / "prompts.json").is_file():
         raise ConfigError(f"{world_dir}: no prompts.json (run the synthesize rule first)")
 
@@ -178,6 +181,7 @@ def run(cfg: Config, base_dir: str | Path, lrm_dir: str | Path, world_dir: str |
     sc = cfg.sibling_lrm
     lrm_dir, world_dir, out_dir = Path(lrm_dir), Path(world_dir), Path(out_dir)
     check(cfg, lrm_dir, world_dir)
+    num_train_timesteps = load_scheduler(Path(base_dir)).config.num_train_timesteps  # the buckets' range
     torch.manual_seed(sc.seed)
     split = read_json(world_dir / "prompts.json")["train"]
     index = np.arange(sc.prompts) % len(split["prompts"])  # (B,) the train-split index of each rollout prompt
@@ -224,7 +228,7 @@ def run(cfg: Config, base_dir: str | Path, lrm_dir: str | Path, world_dir: str |
     with torch.no_grad():
         enc = lrm.encode_text(prompts)
         null_enc = lrm.encode_text([""]) if lrm.vfe_scale != 1.0 else None
-    history = [{"step": 0, "held_out": held_out_concordance(lrm, data, val_rows, enc, null_enc)}]
+    history = [{"step": 0, "held_out": held_out_concordance(lrm, data, val_rows, enc, null_enc, num_train_timesteps)}]
     log.info("step 0: held-out concordance %.3f", history[0]["held_out"]["all"]["value"])
     rng = np.random.default_rng(sc.seed)
     best, best_step = -1.0, 0
@@ -241,7 +245,7 @@ def run(cfg: Config, base_dir: str | Path, lrm_dir: str | Path, world_dir: str |
             optimizer.step()
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if step % sc.eval_every == 0 or step == sc.steps:
-                result = held_out_concordance(lrm, data, val_rows, enc, null_enc)
+                result = held_out_concordance(lrm, data, val_rows, enc, null_enc, num_train_timesteps)
                 history.append({"step": step, "loss": float(loss.detach()), "held_out": result})
                 log.info("step %d: loss %.3f; held-out concordance %s", step, float(loss.detach()),
                          " ".join(f"{k} {v['value']:.3f}" for k, v in result.items() if v["value"] is not None))
