@@ -21,8 +21,8 @@ include: "workflow/rules/common.smk"
 
 
 wildcard_constraints:
-    method="lpo|spo|dpo",
-    model="base|lpo|spo|dpo",
+    method="|".join(METHOD_REGISTRY),
+    model="|".join(["base", *METHOD_REGISTRY]),
 
 
 include: "workflow/rules/data.smk"

@@ -734,6 +734,23 @@ def load_pretrained(cfg: BackboneConfig) -> Backbone:
     return backbone
 
 
+def load_scheduler(base_dir: str | Path) -> DDIMScheduler:
+    """The base pipeline's sampler as DDIM (as ``load_pipeline_folder`` makes it), without loading any model.
+
+    A folder that is not a pipeline, or has no scheduler config, is a ConfigError naming it.
+    """
+    from lpo.config import ConfigError
+    from lpo.utils import read_json
+
+    base_dir = Path(base_dir)
+    if not (base_dir / "model_index.json").is_file():
+        raise ConfigError(f"{base_dir}: not a base pipeline folder (no model_index.json; run the base rule first)")
+    config_file = base_dir / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{config_file}: missing in the base pipeline folder")
+    return DDIMScheduler.from_config(read_json(config_file))
+
+
 def load_pipeline_folder(path: str | Path) -> Backbone:
     """Read back a pipeline folder (any kind, e.g. results/<name>/base/); SD vs SDXL from model_index.json."""
     path = Path(path)

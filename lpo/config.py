@@ -266,16 +266,56 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class LpoMethodConfig:
+    beta: float = _f(500.0, "beta of the step-level DPO loss (docs/method.md section 3 step 4; paper 500).")
+    clip_eps: float = _f(0.1, "Ratio clip epsilon of the step-level DPO loss (paper 0.1).")
+    lrm_timestep: Literal["parent", "child"] = _f(
+        "parent", "Timestep given to the LRM when it scores the children (official code: the parent's)."
+    )
+
+
+@dataclass(frozen=True)
+class SpoMethodConfig:
+    beta: float = _f(10.0, "beta of SPO's step-level DPO loss (docs/method.md section 5: 10).")
+    clip_eps: float = _f(0.1, "Ratio clip epsilon (SPO's 0.1).")
+    threshold: float = _f(0.3, "Fixed threshold on the best/worst pair gap.")
+    t_max: int = _f(750, "Train only at timesteps <= this (raw t of this backbone's schedule; SPO's 750 on SD).")
+
+
+@dataclass(frozen=True)
+class DpoMethodConfig:
+    beta: float = _f(5000.0, "beta of the Diffusion-DPO loss (docs/method.md section 5: 5000).")
+    batch_size: int = _f(32, "Pairs per optimiser step (per process).")
+
+
+@dataclass(frozen=True)
+class GrpoMethodConfig:
+    clip_eps: float = _f(0.2, "PPO ratio clip epsilon of the group policy-gradient loss (a first guess, untuned).")
+    kl_beta: float = _f(0.04, "Weight of the KL to the reference (Flow-GRPO's 0.04; untuned here).")
+    logprob: Literal["sum", "mean"] = _f(
+        "sum",
+        "Reduction of the step log-density over latent elements. 'sum' is the exact Gaussian log-density; its "
+        "gradient is about as large as LPO's beta-500 loss on a mean (docs/method.md section 7). 'mean' as "
+        "DDPO/Flow-GRPO.",
+    )
+    std_floor: float = _f(1e-6, "Groups whose reward std is at most this are not kept (all advantages 0).")
+    lrm_timestep: Literal["parent", "child"] = _f("parent", "Timestep given to the LRM when it scores the children.")
+
+
+# Method names, each with its own section under `optimize` (lpo.methods.METHODS keeps the registry of the
+# same names; tests/test_methods.py keeps the two in agreement).
+METHOD_NAMES = ("lpo", "spo", "dpo", "grpo")
+
+
+@dataclass(frozen=True)
 class OptimizeConfig:
-    methods: list[Literal["lpo", "spo", "dpo"]] = _f(["lpo", "spo", "dpo"], "Methods the experiment runs.")
-    iterations: int = _f(200, "Rollout iterations (lpo/spo) or optimiser steps (dpo).")
+    methods: list[Literal[METHOD_NAMES]] = _f(["lpo", "spo", "dpo"], "Methods the experiment runs.")  # type: ignore[valid-type]
+    iterations: int = _f(200, "Rollout iterations (step-level methods) or optimiser steps (dpo).")
     prompts_per_iteration: int = _f(16, "Prompts sampled per rollout iteration (per process).")
-    num_children: int = _f(4, "K children per step (>= 2: a best and a worst).")
+    num_children: int = _f(4, "K children per step (>= 2).")
     ddim_steps: int = _f(20, "Sampling steps.")
     eta: float = _f(1.0, "DDIM eta of the branching sampler, in (0, 1] (children differ only by the step noise).")
     cfg: float = _f(4.0, "CFG scale of sampling and of the trained policy.")
-    beta: float = _f(500.0, "beta of the step-level DPO loss (LPO).")
-    clip_eps: float = _f(0.1, "Ratio clip epsilon.")
     lr: float = _f(3e-4, "Learning rate (AdamW).")
     weight_decay: float = _f(1e-4, "AdamW weight decay.")
     grad_clip: float = _f(1.0, "Gradient norm clip (0 disables).")
@@ -284,17 +324,28 @@ class OptimizeConfig:
         False, "Train all U-Net weights instead of LoRA (the reference is then a frozen copy: one more U-Net in memory)."
     )
     lora: LoraConfig = _f(LoraConfig(), "LoRA through peft.")
-    lrm_timestep: Literal["parent", "child"] = _f("parent", "Timestep given to the LRM (official code: parent).")
-    t_min: int = _f(0, "Train only at (parent) timesteps >= t_min.")
-    t_max: int = _f(1000, "Train only at (parent) timesteps <= t_max.")
+    t_min: int = _f(0, "Step-level methods: train only at (parent) timesteps >= t_min.")
+    t_max: int = _f(1000, "Step-level methods: train only at (parent) timesteps <= t_max.")
     checkpoint_every: int = _f(50, "Resumable checkpoint every N iterations (and at the end).")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision.")
     gradient_checkpointing: bool = _f(False, "U-Net gradient checkpointing.")
-    spo_beta: float = _f(10.0, "SPO: beta (METHOD.md: 10).")
-    spo_threshold: float = _f(0.3, "SPO: fixed threshold.")
-    spo_t_max: int = _f(750, "SPO: train only at timesteps <= this (METHOD.md).")
-    dpo_beta: float = _f(5000.0, "Diffusion-DPO: beta (METHOD.md: 5000).")
-    dpo_batch_size: int = _f(32, "Diffusion-DPO: pairs per step.")
+    lpo: LpoMethodConfig = _f(LpoMethodConfig(), "LPO (lpo.methods.lpo).")
+    spo: SpoMethodConfig = _f(SpoMethodConfig(), "SPO (lpo.methods.spo).")
+    dpo: DpoMethodConfig = _f(DpoMethodConfig(), "Diffusion-DPO (lpo.methods.dpo).")
+    grpo: GrpoMethodConfig = _f(GrpoMethodConfig(), "Step-level GRPO with the LRM (lpo.methods.grpo).")
+
+
+# Flat keys of earlier versions -> their place now: an old config gets an error that names the new key.
+MOVED_KEYS = {
+    "optimize.beta": "optimize.lpo.beta",
+    "optimize.clip_eps": "optimize.lpo.clip_eps (and optimize.spo.clip_eps)",
+    "optimize.lrm_timestep": "optimize.lpo.lrm_timestep",
+    "optimize.spo_beta": "optimize.spo.beta",
+    "optimize.spo_threshold": "optimize.spo.threshold",
+    "optimize.spo_t_max": "optimize.spo.t_max",
+    "optimize.dpo_beta": "optimize.dpo.beta",
+    "optimize.dpo_batch_size": "optimize.dpo.batch_size",
+}
 
 
 @dataclass(frozen=True)
@@ -466,6 +517,8 @@ def _build(cls: type, data: dict, path: str, source: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{source}: {key}: this key moved to {MOVED_KEYS[key]}")
         raise ConfigError(f"{source}: {key}: unknown key (allowed here: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():

@@ -1,4 +1,4 @@
-"""Losses: the LRM's Bradley-Terry loss, LPO's step-level DPO loss and the Diffusion-DPO baseline.
+"""Losses: the LRM's Bradley-Terry loss, the step-level DPO loss (LPO, SPO), step-level GRPO and Diffusion-DPO.
 
 Pure functions on per-sample tensors; each docstring names its METHOD.md section. The stats dicts hold
 detached 0-d tensors (no host sync), ready for ``accelerator.reduce`` or ``.item()`` by the caller.
@@ -17,7 +17,10 @@ __all__ = [
     "bradley_terry_loss",
     "per_prompt_weights",
     "pair_gap",
-    "lpo_loss",
+    "step_dpo_loss",
+    "group_advantages",
+    "gaussian_step_kl",
+    "grpo_loss",
     "per_sample_mse",
     "diffusion_dpo_loss",
 ]
@@ -111,7 +114,7 @@ def pair_gap(s_w: torch.Tensor, s_l: torch.Tensor) -> torch.Tensor:
     return torch.tanh((s_w - s_l) / 2)
 
 
-def lpo_loss(
+def step_dpo_loss(
     logp_w: torch.Tensor,
     logp_ref_w: torch.Tensor,
     logp_l: torch.Tensor,
@@ -119,7 +122,7 @@ def lpo_loss(
     beta: float,
     clip_eps: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Step-level DPO loss with clipped ratios (LPO = SPO "Eqn. 6"), METHOD.md §3 step 4.
+    """Step-level DPO loss with clipped ratios (SPO's "Eqn. 6", which LPO adopts), METHOD.md §3 step 4.
 
     log r = clamp(log p_theta - log p_ref, log(1 - eps), log(1 + eps))   (= log of the clipped ratio)
     L = mean_i -log sigmoid(beta (log r_w - log r_l))
@@ -159,6 +162,86 @@ def lpo_loss(
             "logratio_w": logratio_w.mean(),
             "logratio_l": logratio_l.mean(),
             "margin": logits.mean(),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Step-level GRPO (docs/method.md section 9)
+# --------------------------------------------------------------------------------------------------------
+
+
+def group_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """Group-normalised advantages of the K children of each step, docs/method.md section 9:
+    A_k = (S_k - mean_k S) / std_k S (population std over the group).
+
+    scores: (N, K) with a positive spread in every row (groups without one carry no signal and are not kept).
+    Returns (N, K): every row has mean 0 and std 1.
+    """
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must be (N, K) with K >= 2, got {tuple(scores.shape)}")
+    scores = scores.double()  # siblings' scores can differ in the 5th digit: float32 would leave a bias
+    std = scores.std(dim=1, unbiased=False, keepdim=True)  # (N, 1)
+    if bool((std <= 0).any()):
+        raise ValueError("group_advantages: a group has no spread (all K scores equal); leave it out")
+    return ((scores - scores.mean(dim=1, keepdim=True)) / std).float()
+
+
+def gaussian_step_kl(mean: torch.Tensor, mean_ref: torch.Tensor, sigma: torch.Tensor, reduce: str) -> torch.Tensor:
+    """KL(N(mean, sigma^2 I) || N(mean_ref, sigma^2 I)) of one sampling step, docs/method.md section 9:
+    (mean - mean_ref)^2 / (2 sigma^2), summed or averaged over the latent elements (`reduce`: "sum" | "mean",
+    the reduction of the step log-density it goes with). mean, mean_ref: (N, ...); sigma: (N,). Returns (N,).
+    """
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    sq = (mean.to(dtype) - mean_ref.to(dtype)).pow(2).flatten(1)  # (N, D)
+    per = sq.sum(dim=1) if reduce == "sum" else sq.mean(dim=1)
+    return per / (2 * sigma.to(dtype) ** 2)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    kl: torch.Tensor,
+    clip_eps: float,
+    kl_beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-ratio policy-gradient loss of step-level GRPO with a KL penalty, docs/method.md section 9.
+
+    r = exp(log p_theta - log p_old);  L_pg = mean max(-A r, -A clip(r, 1 - eps, 1 + eps))  (PPO's pessimistic
+    bound, over every child of every group);  L = L_pg + kl_beta mean(KL).
+
+    Args:
+        logp: (N, K) step log-densities of the K children under the policy (gradient).
+        logp_old: (N, K) the same under the policy that sampled them (no gradient).
+        advantages: (N, K) group-normalised advantages (``group_advantages``).
+        kl: (N,) per-group KL of the policy's step to the reference's (``gaussian_step_kl``).
+        clip_eps: in (0, 1). kl_beta: >= 0.
+
+    Returns:
+        loss (0-d) and stats (detached 0-d tensors): policy_loss, kl, clipped_frac (share of ratios outside
+        the clip range), ratio_dev (mean |r - 1|).
+    """
+    if logp.shape != logp_old.shape or logp.shape != advantages.shape or logp.ndim != 2:
+        raise ValueError(f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)} and advantages "
+                         f"{tuple(advantages.shape)} must be one (N, K) shape")
+    if kl.shape != (logp.shape[0],):
+        raise ValueError(f"kl must have shape ({logp.shape[0]},), got {tuple(kl.shape)}")
+    if not 0 < clip_eps < 1:
+        raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
+    if not kl_beta >= 0:
+        raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
+    ratio = torch.exp(logp - logp_old.detach())  # (N, K)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    loss = policy_loss + kl_beta * kl.mean()
+    with torch.no_grad():
+        stats = {
+            "policy_loss": policy_loss,
+            "kl": kl.mean(),
+            "clipped_frac": ((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)).float().mean(),
+            "ratio_dev": (ratio - 1).abs().mean(),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
 

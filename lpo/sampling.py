@@ -1,8 +1,13 @@
 """Plain (non-branching) DDIM sampling with classifier-free guidance, seeded per sample, and VAE decoding.
 
-Used wherever images are needed: the shapes preference pairs, pretraining metrics and evaluation. Each sample's
-initial noise comes from its own seed, so sample i is the same whatever batch it lands in and whichever model
-draws it (evaluation compares models on the same seeds).
+``ddim_sample`` is used wherever images are drawn from noise: the shapes preference pairs, pretraining metrics
+and evaluation. Each sample's initial noise comes from its own seed, so sample i is the same whatever batch it
+lands in and whichever model draws it (evaluation compares models on the same seeds).
+
+``ddim_rollout`` finishes a trajectory from the middle of the branching sampler's grid (a child at grid index
+i, lpo.branching) deterministically; it uses the same step split as the branching sampler (lpo.diffusion),
+so a rollout lands exactly where the grid says. The two agree on even grids up to float rounding; on uneven
+grids diffusers' step (``ddim_sample``) takes the previous timestep as t - T / steps, not the grid's next.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+
+from lpo.diffusion import cfg_noise_pred, ddim_step_split
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
@@ -57,6 +64,31 @@ def ddim_sample(
         out_u, out_c = out[:b], out[b:]
         noise_pred = out_u + g * (out_c - out_u)
         x = sched.step(noise_pred, t, x, eta=eta, generator=generator).prev_sample
+    return x
+
+
+@torch.no_grad()
+def ddim_rollout(
+    unet,
+    scheduler,
+    x: torch.Tensor,
+    start: int,
+    timesteps: Sequence[int],
+    prev: Sequence[int],
+    cond,
+    null,
+    guidance: float,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) with CFG from grid index `start` to the end: x (N, C, h, w) at level
+    timesteps[start] -> x_0 (N, C, h, w). start == len(timesteps) means x already is x_0.
+
+    cond: PromptEmbeds of the N rows; null: PromptEmbeds of the null prompt (1 row, broadcast).
+    """
+    for j in range(start, len(timesteps)):
+        t, t_prev = int(timesteps[j]), int(prev[j])
+        out = cfg_noise_pred(unet, x, t, cond.hidden_states, null.hidden_states, guidance,
+                             cond.added_cond_kwargs(), null.added_cond_kwargs())
+        x = ddim_step_split(out, x, t, t_prev, scheduler, eta=0.0).mean.to(x.dtype)
     return x
 
 

@@ -24,6 +24,7 @@ against LPO's 2.6 s). Not part of the test suite (its one-iteration smoke run is
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -36,11 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lpo.config import Config, ConfigError, load_config  # noqa: E402
 from lpo.diffusion import ddim_timesteps  # noqa: E402
 from lpo.methods import Method, MethodInputs  # noqa: E402
-from lpo.methods import lpo as lpo_method  # noqa: E402
+from lpo.backbones import load_scheduler  # noqa: E402
+from lpo.methods import engine  # noqa: E402
+from lpo.methods.lpo import Lpo  # noqa: E402
 from lpo.sampling import decode_images  # noqa: E402
 from lpo.stages import optimize as optimize_stage  # noqa: E402
-from lpo.stages.calibrate import rollout_to_x0, shapes_judge  # noqa: E402
-from lpo.utils import write_json  # noqa: E402
+from lpo.sampling import ddim_rollout  # noqa: E402
+from lpo.utils import setup_logging, write_json  # noqa: E402
+from lpo.world.judge import shapes_judge  # noqa: E402
 from lpo.world.prompts import parse_prompt  # noqa: E402
 
 METHOD = "lpo-oracle"
@@ -49,7 +53,7 @@ THRESHOLDS_NAME = "oracle_thresholds.json"
 
 class RolloutJudgeScorer:
     """The step-level reward of a child = the judge's reward of its deterministic rollout under `backbone`'s
-    U-Net as it is now (the policy being trained). Same call as lpo.methods.lpo.Scorer."""
+    U-Net as it is now (the policy being trained). Same call as lpo.methods.engine.Scorer."""
 
     def __init__(self, cfg: Config, backbone: Any, prompts: list[str], num_children: int) -> None:
         triples = [list(parse_prompt(p, cfg.world)) for p in prompts]
@@ -67,15 +71,15 @@ class RolloutJudgeScorer:
     def __call__(self, children: torch.Tensor, t: int) -> torch.Tensor:
         start = self.grid.index(int(t)) + 1  # the children live at the next grid level (lrm_timestep: parent)
         rows = self.child_prompt.to(children.device)
-        x0 = rollout_to_x0(self.backbone, children, start, self.timesteps, self.prev, self.cond.index(rows),
-                           self.null, self.guidance)
+        x0 = ddim_rollout(self.backbone.unet, self.backbone.scheduler, children, start, self.timesteps, self.prev,
+                          self.cond.index(rows), self.null, self.guidance)
         rewards = self.judge.reward(decode_images(self.backbone.vae, x0), self.child_prompt.numpy())  # (B*K,)
         return torch.as_tensor(rewards, dtype=torch.float32, device=children.device)
 
 
 def write_thresholds(cfg: Config, base_dir: Path, path: Path) -> None:
     """Every grid step trainable with th = tanh(tie_margin / 2): keep the pairs the judge tells apart."""
-    scheduler = lpo_method.load_scheduler(base_dir)
+    scheduler = load_scheduler(base_dir)
     timesteps, _ = ddim_timesteps(scheduler, cfg.optimize.ddim_steps)
     th = math.tanh(cfg.annotator.tie_margin / 2)
     n = len(timesteps)
@@ -86,22 +90,30 @@ def write_thresholds(cfg: Config, base_dir: Path, path: Path) -> None:
 def check(cfg: Config, inputs: MethodInputs) -> None:
     if cfg.experiment.world != "shapes":
         raise ConfigError(f"{METHOD}: needs the shapes world's judge (experiment.world is {cfg.experiment.world!r})")
-    lpo_method.check_step_config(cfg.optimize)
-    plan = lpo_method.step_plan(lpo_method.read_thresholds(inputs.thresholds),
-                                lpo_method.load_scheduler(inputs.base_dir), cfg.optimize)
+    engine.check_step_config(cfg.optimize)
+    plan = engine.step_plan(engine.read_thresholds(inputs.thresholds), load_scheduler(inputs.base_dir), cfg.optimize)
     if not any(plan.train):
         raise ConfigError(f"optimize.t_min={cfg.optimize.t_min}, t_max={cfg.optimize.t_max}: no step to train")
 
 
+class OracleLpo(Lpo):
+    """LPO with the judge of each child's rollout as the step-level reward (no LRM)."""
+
+    name = METHOD
+
+    def __init__(self, cfg: Config, backbone: Any) -> None:
+        super().__init__(cfg.optimize.lpo, None, cfg.optimize.num_children)
+        self.cfg, self.backbone = cfg, backbone
+
+    def make_scorer(self, prompts: list[str]) -> RolloutJudgeScorer:
+        return RolloutJudgeScorer(self.cfg, self.backbone, prompts, self.num_children)
+
+
 def train(cfg: Config, policy: Any, inputs: MethodInputs, workdir: Path, accelerator: Any) -> dict[str, Any]:
     ocfg = cfg.optimize
-    plan = lpo_method.step_plan(lpo_method.read_thresholds(inputs.thresholds), policy.backbone.scheduler, ocfg)
-
-    def make_scorer(prompts: list[str]) -> RolloutJudgeScorer:
-        return RolloutJudgeScorer(cfg, policy.backbone, prompts, ocfg.num_children)
-
-    summary = lpo_method.step_level_loop(cfg, policy, inputs.prompts, workdir, accelerator, plan, make_scorer,
-                                         ocfg.beta, METHOD)
+    plan = engine.step_plan(engine.read_thresholds(inputs.thresholds), policy.backbone.scheduler, ocfg)
+    summary = engine.step_level_loop(cfg, policy, inputs.prompts, workdir, accelerator, plan,
+                                     OracleLpo(cfg, policy.backbone))
     summary["step_reward"] = "the judge's reward of each child's deterministic rollout under the current policy"
     if accelerator.is_main_process:
         write_json(workdir / "summary.json", summary)
@@ -121,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     thresholds = workdir / THRESHOLDS_NAME
     write_thresholds(cfg, Path(args.base), thresholds)
-    optimize_stage.METHODS[METHOD] = Method(check=check, train=train)
-    forwarded = [a for c in args.config for a in ("--config", c)]
-    return optimize_stage.main(forwarded + ["--method", METHOD, "--base", args.base, "--world", args.world,
-                                            "--thresholds", str(thresholds), "--workdir", args.workdir,
-                                            "--out", args.out])
+    setup_logging()
+    summary = optimize_stage.run(cfg, METHOD, args.base, args.workdir, args.out, world_dir=args.world,
+                                 thresholds=thresholds, implementation=Method(check=check, train=train))
+    print(json.dumps({k: summary[k] for k in ("method", "iterations", "tuples_kept", "loss_last") if k in summary}))
+    return 0
 
 
 if __name__ == "__main__":

@@ -41,10 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lpo.backbones import load_pipeline_folder  # noqa: E402
 from lpo.calibration import accuracy_ci  # noqa: E402
 from lpo.config import load_config  # noqa: E402
-from lpo.diffusion import cfg_noise_pred, ddim_step_split, ddim_timesteps, sample_children  # noqa: E402
+from lpo.branching import branching_steps  # noqa: E402
+from lpo.diffusion import cfg_noise_pred, ddim_step_split, ddim_timesteps  # noqa: E402
 from lpo.reward.lrm import LatentRewardModel  # noqa: E402
-from lpo.sampling import decode_images  # noqa: E402
-from lpo.stages.calibrate import load_val_prompts, rollout_to_x0, shapes_judge  # noqa: E402
+from lpo.sampling import ddim_rollout, decode_images  # noqa: E402
+from lpo.stages.calibrate import load_val_prompts  # noqa: E402
+from lpo.world.judge import shapes_judge  # noqa: E402
 
 SCORERS = ("lrm_parent", "lrm_child", "x0hat_judge")
 
@@ -107,17 +109,15 @@ def run(cfg, base_dir: Path, lrm_dir: Path, world_dir: Path, n_prompts: int, thr
     child_prompt = torch.arange(batch).repeat_interleave(k)  # (B*K,)
     child_embeds = embeds.index(child_prompt)
     shape = (backbone.latent_channels, backbone.latent_size, backbone.latent_size)
-    x = torch.randn((batch, *shape), generator=gen) * backbone.scheduler.init_noise_sigma  # (B, C, h, w)
+    x_T = torch.randn((batch, *shape), generator=gen) * backbone.scheduler.init_noise_sigma  # (B, C, h, w)
     th_by_t = {} if thresholds is None else dict(zip(thresholds["timesteps"], thresholds["thresholds"]))
     steps = []
     start = time.perf_counter()
-    for i in range(len(timesteps)):
-        t, t_prev = int(timesteps[i]), int(prev[i])
-        out = cfg_noise_pred(backbone.unet, x, t, embeds.hidden_states, null.hidden_states, opt.cfg,
-                             embeds.added_cond_kwargs(), null.added_cond_kwargs())
-        split = ddim_step_split(out, x, t, t_prev, backbone.scheduler, opt.eta)
-        children = sample_children(split, k, gen).to(x.dtype)  # (B, K, C, h, w)
-        flat = children.flatten(0, 1)  # (B*K, C, h, w)
+    # the trunk goes on from a random child (LPO) when the next step is asked for
+    for branch in branching_steps(backbone.unet, backbone.scheduler, embeds, null, x_T, timesteps, prev, opt.cfg,
+                                  opt.eta, k, gen):
+        i, t, t_prev = branch.index, branch.t, branch.t_prev
+        flat = branch.children.to(x_T.dtype).flatten(0, 1)  # (B*K, C, h, w)
         scores = {
             "lrm_parent": lrm.score(flat, t, enc, null_enc),
             "lrm_child": lrm.score(flat, max(t_prev, 0), enc, null_enc),
@@ -131,7 +131,7 @@ def run(cfg, base_dir: Path, lrm_dir: Path, world_dir: Path, n_prompts: int, thr
             x0_hat = flat
         ids = child_prompt.numpy()
         scores["x0hat_judge"] = torch.as_tensor(judge.reward(decode_images(backbone.vae, x0_hat), ids))
-        x0 = rollout_to_x0(backbone, flat, i + 1, timesteps, prev, child_embeds, null, opt.cfg)
+        x0 = ddim_rollout(backbone.unet, backbone.scheduler, flat, i + 1, timesteps, prev, child_embeds, null, opt.cfg)
         rewards = judge.reward(decode_images(backbone.vae, x0), ids).reshape(batch, k)  # (B, K)
         step = {"t": t, "pairs": batch * k * (k - 1) // 2, "concordance": {}}
         for name in SCORERS:
@@ -145,8 +145,6 @@ def run(cfg, base_dir: Path, lrm_dir: Path, world_dir: Path, n_prompts: int, thr
         step["best_worst"] = best_worst_stats(scores["lrm_parent"].float().view(batch, k).numpy(), rewards,
                                               th if thresholds is not None else None, judge.tie_margin)
         steps.append(step)
-        pick = torch.randint(k, (batch,), generator=gen)  # LPO: the trunk goes on from a random child
-        x = children[torch.arange(batch), pick]
         c = step["concordance"]
         print(f"t={t:4d} judged {c['lrm_parent']['judged']:4d} of {step['pairs']}: "
               + "  ".join(f"{n} {c[n]['value'] if c[n]['value'] is None else round(c[n]['value'], 2)}"

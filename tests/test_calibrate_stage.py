@@ -18,6 +18,7 @@ import yaml
 from lpo import backbones as B
 from lpo.config import ConfigError, LrmConfig, from_dict
 from lpo.stages import calibrate as C
+from lpo.world.judge import Judge
 
 # METHOD.md §3: sigma (SD scaled-linear, DDIM-20, eta 1) and th(t) for SD1.5 [0.35, 0.5], for t = 1, 51, ..., 951.
 METHOD_SIGMAS = [0.0206, 0.0406, 0.1673, 0.2144, 0.2509, 0.2836, 0.3144, 0.3442, 0.3732, 0.4016,
@@ -65,7 +66,7 @@ def write_accuracy(path: Path, lo_by_t: dict[int, Optional[float]], key: str = "
 
 def optimize_reads(path: Path) -> None:
     """The optimize stage's LPO method accepts the file (its reader is the contract)."""
-    from lpo.methods.lpo import read_thresholds
+    from lpo.methods.engine import read_thresholds
 
     table = read_thresholds(path)
     data = json.loads(path.read_text())
@@ -177,7 +178,7 @@ def test_rollout_mode_on_shapes_tiny_writes_consistent_arrays(models, tmp_path, 
     # images all tie under the oracle) so thresholds are found. Seeded: the LRM's gaps are the same, whatever
     # the chunking; the trainable steps keep exactly the pairs above their threshold.
     rng = np.random.default_rng(0)
-    monkeypatch.setattr(C, "shapes_judge", lambda cfg, triples: C.Judge(
+    monkeypatch.setattr(C, "shapes_judge", lambda cfg, triples: Judge(
         "random", lambda images, idx: rng.random(len(idx)), tie_margin=0.0))
     cfg = config(calibrate={"mode": "rollout", "n_prompts": prompts, "min_pairs": 1, "precision": 0.01},
                  optimize={"ddim_steps": steps, "num_children": k})
@@ -273,20 +274,21 @@ def test_config_errors_name_the_field(models, tmp_path):
     assert not (tmp_path / "out" / "thresholds.json").exists()  # nothing half-written on errors
 
 
-def test_rollout_to_x0_is_plain_deterministic_ddim(models):
+def test_ddim_rollout_is_plain_deterministic_ddim(models):
     """A child's rollout from x_T equals lpo.sampling.ddim_sample with eta 0 (same grid, same CFG)."""
     import torch
 
     from lpo.diffusion import ddim_timesteps
-    from lpo.sampling import ddim_sample
+    from lpo.sampling import ddim_rollout, ddim_sample
 
     backbone = B.load_pipeline_folder(models["shapes_base"])
     prompts = ["a red circle on a blue background", "a green square on a white background"]
     cond, null = backbone.encode_prompts(prompts), backbone.null_embeds(1)
     x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     timesteps, prev = ddim_timesteps(backbone.scheduler, 4)
-    ours = C.rollout_to_x0(backbone, x_T, 0, timesteps, prev, cond, null, 4.0)
+    ours = ddim_rollout(backbone.unet, backbone.scheduler, x_T, 0, timesteps, prev, cond, null, 4.0)
     reference = ddim_sample(backbone.unet, backbone.scheduler, cond.hidden_states,
                             backbone.null_embeds(2).hidden_states, x_T, 4, 4.0, eta=0.0)
     assert torch.allclose(ours, reference, atol=1e-5)
-    assert torch.equal(C.rollout_to_x0(backbone, x_T, 4, timesteps, prev, cond, null, 4.0), x_T)  # already x_0
+    assert torch.equal(ddim_rollout(backbone.unet, backbone.scheduler, x_T, 4, timesteps, prev, cond, null, 4.0),
+                       x_T)  # already x_0

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import re
+
 import pytest
 import yaml
 
@@ -70,9 +72,10 @@ def test_list_items_checked(tmp_path):
 
 
 def test_int_accepted_for_float_and_yaml_int_for_string_enum(tmp_path):
-    path = write(tmp_path, {"experiment": {"name": "x"}, "optimize": {"beta": 500}, "latents": {"mpcf": {"strategy": 2}}})
+    path = write(tmp_path, {"experiment": {"name": "x"}, "optimize": {"lpo": {"beta": 500}},
+                            "latents": {"mpcf": {"strategy": 2}}})
     cfg = C.load_config(path)
-    assert cfg.optimize.beta == 500.0 and isinstance(cfg.optimize.beta, float)
+    assert cfg.optimize.lpo.beta == 500.0 and isinstance(cfg.optimize.lpo.beta, float)
     assert cfg.latents.mpcf.strategy == "2"
 
 
@@ -127,3 +130,11 @@ def test_cli_check_reports_one_line(tmp_path, repo_root):
     proc = subprocess.run([sys.executable, "-m", "lpo.config", "--check", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "evaluate.cfgg" in proc.stderr
+
+
+@pytest.mark.parametrize("old,new", [("beta", "optimize.lpo.beta"), ("spo_t_max", "optimize.spo.t_max"),
+                                     ("dpo_batch_size", "optimize.dpo.batch_size")])
+def test_a_flat_method_key_of_earlier_versions_names_its_new_place(tmp_path, old, new):
+    path = write(tmp_path, {"experiment": {"name": "x"}, "optimize": {old: 1}})
+    with pytest.raises(C.ConfigError, match=rf"optimize\.{old}: this key moved to {re.escape(new)}"):
+        C.load_config(path)

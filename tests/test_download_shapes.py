@@ -8,7 +8,7 @@ import pytest
 from lpo import backbones
 from lpo.config import from_dict
 from lpo.data.pickapic import AUX_COLUMNS, count_rows_by_split, iter_rows
-from lpo.stages import download_shapes
+from lpo import generate as download_shapes
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def fixed_noise_eval(policy, latents: Path, beta: float) -> tuple[float, float]:
 
 def _cfg(**optimize):
     cfg = load_config(REPO / "config" / "config.yaml", REPO / "config" / "smoke.yaml")
-    return replace(cfg, optimize={"iterations": 4, "dpo_batch_size": 8, "checkpoint_every": 2, **optimize})
+    return replace(cfg, optimize={"iterations": 4, "dpo": {"batch_size": 8}, "checkpoint_every": 2, **optimize})
 
 
 def _inputs(assets, **kw) -> MethodInputs:
@@ -153,9 +153,9 @@ def test_resume_continues_exactly(assets, tmp_path):
 
 
 @pytest.mark.parametrize("change,kw,message", [
-    ({"dpo_beta": 0.0}, {}, "optimize.dpo_beta"),
-    ({"dpo_batch_size": 0}, {}, "optimize.dpo_batch_size"),
-    ({"dpo_batch_size": 100}, {}, "fewer than optimize.dpo_batch_size 100"),
+    ({"dpo": {"beta": 0.0}}, {}, "optimize.dpo.beta"),
+    ({"dpo": {"batch_size": 0}}, {}, "optimize.dpo.batch_size"),
+    ({"dpo": {"batch_size": 100}}, {}, "fewer than optimize.dpo.batch_size 100"),
     ({"lora": {"rank": 0}}, {}, "optimize.lora.rank"),
     ({}, {"latents_dir": None}, "--latents is required"),
     ({}, {"latents_dir": Path("/nonexistent")}, "no index for split 'train'"),

@@ -10,7 +10,7 @@ import torch
 from lpo.losses import (
     bradley_terry_loss,
     diffusion_dpo_loss,
-    lpo_loss,
+    step_dpo_loss,
     pair_gap,
     per_prompt_weights,
     per_sample_mse,
@@ -93,24 +93,24 @@ def test_pair_gap_is_softmax_difference():
 # ------------------------------------------------------------------------------------------------ LPO
 
 
-def test_lpo_loss_is_log2_at_init():
+def test_step_dpo_loss_is_log2_at_init():
     logp = torch.randn(5)
     logp_l = torch.randn(5)
-    loss, stats = lpo_loss(logp, logp.clone(), logp_l, logp_l.clone(), beta=500.0, clip_eps=0.1)
+    loss, stats = step_dpo_loss(logp, logp.clone(), logp_l, logp_l.clone(), beta=500.0, clip_eps=0.1)
     assert loss.item() == pytest.approx(LOG2, rel=1e-6)
     assert stats["clipped_frac"].item() == 0.0
     assert stats["implicit_acc"].item() == 0.0  # ties are not "correct"
 
 
-def test_lpo_loss_hand_values():
+def test_step_dpo_loss_hand_values():
     beta = 10.0
     # inside the clip range: L = softplus(-beta (lr_w - lr_l))
-    loss, stats = lpo_loss(T([0.05]), T([0.0]), T([-0.02]), T([0.0]), beta, 0.1)
+    loss, stats = step_dpo_loss(T([0.05]), T([0.0]), T([-0.02]), T([0.0]), beta, 0.1)
     assert loss.item() == pytest.approx(softplus(-beta * 0.07), rel=1e-5)
     assert stats["implicit_acc"].item() == 1.0
     assert stats["margin"].item() == pytest.approx(0.7, rel=1e-5)
     # outside: the winner's log-ratio 0.5 is clipped to log 1.1, the loser's -0.5 to log 0.9
-    loss, stats = lpo_loss(T([0.5]), T([0.0]), T([-0.5]), T([0.0]), beta, 0.1)
+    loss, stats = step_dpo_loss(T([0.5]), T([0.0]), T([-0.5]), T([0.0]), beta, 0.1)
     assert loss.item() == pytest.approx(softplus(-beta * (math.log(1.1) - math.log(0.9))), rel=1e-5)
     assert stats["clipped_frac"].item() == 1.0
     assert stats["logratio_w"].item() == pytest.approx(0.5)
@@ -121,19 +121,19 @@ def test_lpo_clip_blocks_gradients_outside_the_range():
     logp_w = torch.tensor([0.2, 0.01], requires_grad=True)
     logp_l = torch.tensor([-0.3, -0.01], requires_grad=True)
     ref = torch.zeros(2)
-    loss, stats = lpo_loss(logp_w, ref, logp_l, ref, beta=500.0, clip_eps=0.1)
+    loss, stats = step_dpo_loss(logp_w, ref, logp_l, ref, beta=500.0, clip_eps=0.1)
     loss.backward()
     assert logp_w.grad[0].item() == 0.0 and logp_l.grad[0].item() == 0.0  # clipped pair: no gradient
     assert logp_w.grad[1].item() < 0 and logp_l.grad[1].item() > 0  # in-range pair: raise w, lower l
     assert stats["clipped_frac"].item() == pytest.approx(0.5)
 
 
-def test_lpo_loss_rejects_bad_hyperparameters():
+def test_step_dpo_loss_rejects_bad_hyperparameters():
     z = torch.zeros(2)
     with pytest.raises(ValueError, match="clip_eps"):
-        lpo_loss(z, z, z, z, beta=1.0, clip_eps=1.0)
+        step_dpo_loss(z, z, z, z, beta=1.0, clip_eps=1.0)
     with pytest.raises(ValueError, match="beta"):
-        lpo_loss(z, z, z, z, beta=0.0, clip_eps=0.1)
+        step_dpo_loss(z, z, z, z, beta=0.0, clip_eps=0.1)
 
 
 # ------------------------------------------------------------------------------------------------ Diffusion-DPO

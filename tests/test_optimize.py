@@ -21,7 +21,8 @@ import torch
 
 from lpo import backbones
 from lpo.config import ConfigError, LrmConfig, load_config, replace
-from lpo.methods import lpo as M
+from lpo.methods import engine as M
+from lpo.methods.lpo import Lpo
 from lpo.policy import build_policy
 from lpo.reward.lrm import LatentRewardModel
 from lpo.stages import optimize
@@ -242,8 +243,9 @@ def test_rollout_keeps_tuples_and_loss_starts_at_log2_and_falls(assets):
     cond, uncond = bb.encode_prompts(PROMPTS), bb.null_embeds(1)
     x_T = torch.randn((len(PROMPTS), 4, 8, 8), generator=gen)
     scorer = M.LrmScorer(lrm, PROMPTS, ocfg.num_children, lrm.encode_text([""]))
+    method = Lpo(ocfg.lpo, lrm, ocfg.num_children)
     tuples, records = M.branching_rollout(policy.unet, bb.scheduler, cond, uncond, x_T, plan, ocfg.cfg, ocfg.eta,
-                                          ocfg.num_children, scorer, gen)
+                                          ocfg.num_children, scorer, gen, method)
     assert len(records) == 4 and sum(r.kept for r in records) == len(tuples) > 0
     assert tuples.data["x_w"].shape == (len(tuples), 4, 8, 8) and tuples.data["hidden"].shape[0] == len(tuples)
     assert not torch.equal(tuples.data["x_w"], tuples.data["x_l"])
@@ -260,7 +262,7 @@ def test_rollout_keeps_tuples_and_loss_starts_at_log2_and_falls(assets):
     base_state = {n: p.detach().clone() for n, p in policy.unet.named_parameters() if not p.requires_grad}
     losses, accs = [], []
     for _ in range(6):  # several passes over the same tuples: the toy problem must be learnable
-        stats = M.lpo_update(policy, train_unet, tuples, uncond, optimizer, accelerator, ocfg, ocfg.beta)
+        stats = method.update(policy, train_unet, tuples, uncond, optimizer, accelerator, ocfg)
         losses.append(stats["loss"])
         accs.append(stats["implicit_acc"])
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
@@ -330,7 +332,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from lpo.config import load_config, replace
-    from lpo.methods import lpo as M
+    from lpo.methods import engine as M
     from lpo.stages import optimize
 
     root, repo = Path(sys.argv[1]), Path(sys.argv[2])
@@ -339,7 +341,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     accelerator = optimize.make_accelerator(cfg)
     rank = accelerator.process_index
     seen = {"kept": 0, "updates": 0}
-    best_worst, rollout, update = M.best_worst, M.branching_rollout, M.lpo_update
+    best_worst, rollout, update = M.best_worst, M.branching_rollout, M.PairwiseStepMethod.update
 
     def no_pairs_on_rank_1(scores):
         w, l, gap = best_worst(scores)
@@ -354,7 +356,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
         seen["updates"] += 1
         return update(*a, **k)
 
-    M.best_worst, M.branching_rollout, M.lpo_update = no_pairs_on_rank_1, counting_rollout, counting_update
+    M.best_worst, M.branching_rollout, M.PairwiseStepMethod.update = no_pairs_on_rank_1, counting_rollout, counting_update
     optimize.run(cfg, "lpo", root / "base", root / "work", root / "out", world_dir=root / "world",
                  lrm_dir=root / "lrm", thresholds=root / "thresholds4.json", accelerator=accelerator)
     (root / f"rank{rank}.json").write_text(json.dumps(seen))

@@ -262,12 +262,12 @@ def test_download_stage_dispatches_on_source(tmp_path, mirror, monkeypatch):
     shapes_cfg = from_dict({"experiment": {"name": "t"}, "download": {"source": "shapes"}})
     with pytest.raises(ValueError, match="pass base_dir"):
         download.run(shapes_cfg, tmp_path / "s")
-    fake = types.ModuleType("lpo.stages.download_shapes")
+    fake = types.ModuleType("lpo.generate")
     fake.run = lambda cfg, out_dir, base_dir: {"called": (str(out_dir), str(base_dir))}
-    monkeypatch.setitem(sys.modules, "lpo.stages.download_shapes", fake)
-    import lpo.stages
+    monkeypatch.setitem(sys.modules, "lpo.generate", fake)
+    import lpo
 
-    monkeypatch.setattr(lpo.stages, "download_shapes", fake, raising=False)
+    monkeypatch.setattr(lpo, "generate", fake, raising=False)
     assert download.run(shapes_cfg, tmp_path / "s", tmp_path / "base") == {
         "called": (str(tmp_path / "s"), str(tmp_path / "base"))
     }

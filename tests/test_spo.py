@@ -14,7 +14,9 @@ import torch
 from lpo import backbones
 from lpo.config import ConfigError, TrainSpmConfig, load_config, replace
 from lpo.methods import MethodInputs
-from lpo.methods import lpo as M
+from lpo.config import LpoMethodConfig
+from lpo.methods import engine as M
+from lpo.methods.lpo import Lpo
 from lpo.methods import spo as S
 from lpo.policy import build_policy
 from lpo.reward.pixel import StepAwarePixelModel
@@ -35,10 +37,10 @@ def assets(tmp_path_factory) -> dict:
     return {"root": root, "base": root / "base", "spm": root / "spm", "bb": bb, "spm_model": spm.eval()}
 
 
-def _cfg(**optimize):
+def _cfg(spo=None, **optimize):
     cfg = load_config(REPO / "config" / "config.yaml", REPO / "config" / "smoke.yaml")
     small = {"ddim_steps": 4, "prompts_per_iteration": 2, "iterations": 2, "checkpoint_every": 1}
-    return replace(cfg, optimize={**small, **optimize})
+    return replace(cfg, optimize={**small, **optimize, "spo": spo or {}})
 
 
 def _inputs(assets, **kw) -> MethodInputs:
@@ -51,7 +53,7 @@ def test_plan_has_the_fixed_threshold_and_trains_only_up_to_spo_t_max():
     assert plan.thresholds == (0.3,) * 20
     trained = [t for t, ok in zip(plan.timesteps, plan.train) if ok]
     assert trained == list(range(749, 0, -50))  # 15 of the 20 trailing steps: 749, 699, ..., 49
-    plan = S.spo_plan(sched, _cfg(spo_t_max=500, t_min=300, spo_threshold=0.1).optimize)
+    plan = S.spo_plan(sched, _cfg(t_min=300, spo={"t_max": 500, "threshold": 0.1}).optimize)
     assert plan.timesteps == (999, 749, 499, 249) and plan.train == (False, False, True, False)
     assert plan.thresholds == (0.1,) * 4
 
@@ -68,7 +70,7 @@ class _Counter:
 
 def test_a_sampling_step_costs_k_extra_unet_evaluations_and_k_decodes(assets, monkeypatch):
     bb, spm, K, B = assets["bb"], assets["spm_model"], 4, 3
-    plan = S.spo_plan(bb.scheduler, _cfg(spo_t_max=1000).optimize)  # all 4 steps trained: 999 749 499 249
+    plan = S.spo_plan(bb.scheduler, _cfg(spo={"t_max": 1000}).optimize)  # all 4 steps trained: 999 749 499 249
     unet_rows, decode_rows, spm_times = _Counter(), [], []
     handle = bb.unet.register_forward_pre_hook(unet_rows.hook)
     real_decode = bb.vae.decode
@@ -82,7 +84,7 @@ def test_a_sampling_step_costs_k_extra_unet_evaluations_and_k_decodes(assets, mo
     g = torch.Generator().manual_seed(0)
     try:
         tuples, records = M.branching_rollout(bb.unet, bb.scheduler, cond, uncond, torch.randn(B, 4, 8, 8), plan,
-                                              4.0, 1.0, K, scorer, g, "child")
+                                              4.0, 1.0, K, scorer, g, S.Spo(_cfg().optimize.spo, spm, bb, uncond, 4.0, K))
     finally:
         handle.remove()
     # U-Net: per step one CFG pass of the prompt batch (2B rows), plus one CFG pass of the B*K children at the
@@ -102,17 +104,18 @@ def test_a_sampling_step_costs_k_extra_unet_evaluations_and_k_decodes(assets, mo
     lrm_calls = []
     try:
         M.branching_rollout(bb.unet, bb.scheduler, cond, uncond, torch.randn(B, 4, 8, 8), plan, 4.0, 1.0, K,
-                            lambda x, t: lrm_calls.append(t) or torch.randn(x.shape[0]), g, "parent")
+                            lambda x, t: lrm_calls.append(t) or torch.randn(x.shape[0]), g, Lpo(LpoMethodConfig(), None, K))
     finally:
         handle.remove()
     assert unet_rows.rows == [2 * B] * 4 and decode_rows == [] and lrm_calls == [999, 749, 499, 249]
 
 
 @pytest.mark.parametrize("change,kw,message", [
-    ({"spo_threshold": 1.0}, {}, "optimize.spo_threshold"),
-    ({"spo_beta": 0.0}, {}, "optimize.spo_beta"),
+    ({"spo": {"threshold": 1.0}}, {}, "optimize.spo.threshold"),
+    ({"spo": {"beta": 0.0}}, {}, "optimize.spo.beta"),
+    ({"spo": {"clip_eps": 1.0}}, {}, "optimize.spo.clip_eps"),
     ({"num_children": 1}, {}, "optimize.num_children"),
-    ({"spo_t_max": 100}, {}, "no step of the sampling grid"),
+    ({"spo": {"t_max": 100}}, {}, "no step of the sampling grid"),
     ({}, {"spm_dir": None}, "--spm is required"),
     ({}, {"spm_dir": Path("/nonexistent")}, "not an SPM folder"),
 ])
@@ -124,7 +127,7 @@ def test_bad_input_is_a_config_error(assets, change, kw, message):
 def test_train_end_to_end_at_smoke_size(assets, tmp_path):
     from accelerate import Accelerator
 
-    cfg = _cfg(spo_threshold=0.0)  # keep every pair: the loop must train
+    cfg = _cfg(spo={"threshold": 0.0})  # keep every pair: the loop must train
     S.check_inputs(cfg, _inputs(assets))
     torch.manual_seed(0)
     policy = build_policy(backbones.load_pipeline_folder(assets["base"]), cfg.optimize)

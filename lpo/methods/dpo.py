@@ -1,7 +1,7 @@
 """Diffusion-DPO (Wallace et al., SalesforceAIResearch/DiffusionDPO train.py) as an ``optimize`` method.
 
 METHOD.md section 5 ("Diffusion-DPO") is the specification. Offline: no sampling, no reward model, no VAE in
-the loop. Each optimiser step (``optimize.iterations`` of them) takes a batch of ``optimize.dpo_batch_size``
+the loop. Each optimiser step (``optimize.iterations`` of them) takes a batch of ``optimize.dpo.batch_size``
 pairs from the latent shards' train split (lpo.data.loader.PairLoader, the same shards the LRM and SPM learn
 from) and:
 1. drops ties (labels (0.5, 0.5), counted), as the official code drops Pick-a-Pic's split decisions, and
@@ -12,7 +12,7 @@ from) and:
    gradient; lpo.policy.Policy.reference), conditioned on the caption (the backbone's encode_prompts, cached
    per caption; no CFG: the conditional model is trained, as in the official code);
 4. loss = lpo.losses.diffusion_dpo_loss on the per-sample MSEs (mean over latent elements), beta =
-   ``optimize.dpo_beta``; AdamW (optimize.lr, weight_decay), gradient clip.
+   ``optimize.dpo.beta``; AdamW (optimize.lr, weight_decay), gradient clip.
 The target is the noise for epsilon-prediction models and the velocity for v-prediction ones.
 
 Checkpoints (lpo.policy.save_checkpoint, every optimize.checkpoint_every steps and at the end) hold the
@@ -40,7 +40,7 @@ from lpo.config import Config, ConfigError
 from lpo.data.loader import PairLoader
 from lpo.data.shards import ShardError, read_split_index
 from lpo.losses import diffusion_dpo_loss, per_sample_mse
-from lpo.methods import MethodInputs
+from lpo.methods import Method, MethodInputs
 from lpo.policy import Policy, check_policy_config, save_checkpoint, start_training
 from lpo.utils import write_json
 
@@ -60,11 +60,12 @@ def check_inputs(cfg: Config, inputs: MethodInputs) -> None:
     """Diffusion-DPO's bad-input list, before any model is loaded: its fields and the latent shards' train split."""
     ocfg = cfg.optimize
     check_policy_config(ocfg)
-    if not ocfg.dpo_beta > 0:
-        raise ConfigError(f"optimize.dpo_beta: must be > 0, got {ocfg.dpo_beta}")
-    for key in ("dpo_batch_size", "checkpoint_every"):
-        if getattr(ocfg, key) < 1:
-            raise ConfigError(f"optimize.{key}: must be >= 1, got {getattr(ocfg, key)}")
+    if not ocfg.dpo.beta > 0:
+        raise ConfigError(f"optimize.dpo.beta: must be > 0, got {ocfg.dpo.beta}")
+    if ocfg.dpo.batch_size < 1:
+        raise ConfigError(f"optimize.dpo.batch_size: must be >= 1, got {ocfg.dpo.batch_size}")
+    if ocfg.checkpoint_every < 1:
+        raise ConfigError(f"optimize.checkpoint_every: must be >= 1, got {ocfg.checkpoint_every}")
     if ocfg.iterations < 0:
         raise ConfigError(f"optimize.iterations: must be >= 0, got {ocfg.iterations}")
     if not ocfg.lr > 0:
@@ -75,9 +76,9 @@ def check_inputs(cfg: Config, inputs: MethodInputs) -> None:
         index = read_split_index(inputs.latents_dir, "train")
     except ShardError as err:
         raise ConfigError(str(err)) from None
-    if index["n_samples"] < ocfg.dpo_batch_size:
+    if index["n_samples"] < ocfg.dpo.batch_size:
         raise ConfigError(f"{inputs.latents_dir}: the train split has {index['n_samples']} pairs, fewer than "
-                          f"optimize.dpo_batch_size {ocfg.dpo_batch_size}")
+                          f"optimize.dpo.batch_size {ocfg.dpo.batch_size}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -217,12 +218,12 @@ def train(cfg: Config, policy: Policy, inputs: MethodInputs, workdir: Path, acce
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     seed = cfg.experiment.seed
     try:
-        loader = PairLoader(inputs.latents_dir, "train", ocfg.dpo_batch_size, seed=seed, shuffle=True)
+        loader = PairLoader(inputs.latents_dir, "train", ocfg.dpo.batch_size, seed=seed, shuffle=True)
     except ShardError as err:
         raise ConfigError(str(err)) from None
     if loader.batches_per_rank == 0:
         raise ConfigError(f"{inputs.latents_dir}: the train split has {loader.index['n_samples']} pairs, fewer than "
-                          f"optimize.dpo_batch_size {ocfg.dpo_batch_size} x {world} processes")
+                          f"optimize.dpo.batch_size {ocfg.dpo.batch_size} x {world} processes")
     bb = policy.backbone
     ckpt = workdir / CHECKPOINT_NAME
     begin = start_training(policy, ocfg, accelerator, ckpt, seed * 1_000 + rank + 7, DpoTotals, unit="step")
@@ -235,7 +236,7 @@ def train(cfg: Config, policy: Policy, inputs: MethodInputs, workdir: Path, acce
 
         writer = SummaryWriter(str(workdir / "tb"), purge_step=start)
     log.info("dpo: %d steps of %d pairs x %d process(es), beta %g, %d train pairs (%d batches per epoch)",
-             ocfg.iterations, ocfg.dpo_batch_size, world, ocfg.dpo_beta, loader.index["n_samples"],
+             ocfg.iterations, ocfg.dpo.batch_size, world, ocfg.dpo.beta, loader.index["n_samples"],
              loader.batches_per_rank)
     policy.unet.eval()  # no dropout: policy and reference passes see the same network (as LPO's loop)
     batches = _batch_stream(loader, start)
@@ -245,7 +246,7 @@ def train(cfg: Config, policy: Policy, inputs: MethodInputs, workdir: Path, acce
         began = time.perf_counter()
         batch = next(batches)
         with accelerator.autocast():
-            loss, stats, n = dpo_step(policy, train_unet, batch, captions, generator, ocfg.dpo_beta)
+            loss, stats, n = dpo_step(policy, train_unet, batch, captions, generator, ocfg.dpo.beta)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(policy.trainable_parameters(), ocfg.grad_clip)
@@ -300,9 +301,9 @@ def dpo_summary(cfg: Config, policy: Policy, totals: DpoTotals, world: int, load
         "method": "dpo",
         "iterations": len(h),
         "world_size": world,
-        "beta": ocfg.dpo_beta,
-        "batch_size": ocfg.dpo_batch_size,
-        "global_batch": ocfg.dpo_batch_size * world,
+        "beta": ocfg.dpo.beta,
+        "batch_size": ocfg.dpo.batch_size,
+        "global_batch": ocfg.dpo.batch_size * world,
         "policy": {"mode": policy.mode, **policy.parameter_counts()},
         "train_pairs": loader.index["n_samples"],
         "epochs": len(h) / loader.batches_per_rank if loader.batches_per_rank else None,
@@ -325,3 +326,6 @@ def dpo_summary(cfg: Config, policy: Policy, totals: DpoTotals, world: int, load
         "seconds": totals.seconds,
         "history": h,
     }
+
+
+METHOD = Method(check=check_inputs, train=train)

@@ -1,20 +1,21 @@
 """SPO (Liang et al., RockeyCoss/SPO): step-level preference optimisation with a step-aware PIXEL reward.
 
-METHOD.md section 5 ("SPO") is the specification. SPO is LPO's loop (lpo/methods/lpo.py
-``step_level_loop``: the same branching sampler, tuple sharing, clipped step-level DPO update, checkpoints and
-summary) with four differences, all in this module:
+METHOD.md section 5 ("SPO") is the specification. SPO runs on the step-level engine (lpo/methods/engine.py:
+the same branching sampler, tuple sharing, checkpoints and summary as LPO) with the best/worst pair selection
+and the clipped step-level DPO update of SPO's Eqn. 6, and four settings of its own, all in this module:
 
 1. the scorer (``SpoScorer``): each of the K children gets its own CFG U-Net pass at the NEXT (the child's)
    timestep, its x0-hat is VAE-decoded and scored by the SPM at the child's timestep; the last step's children
    are x_0 and are decoded directly and scored at t = 0 (RockeyCoss/SPO multi_sample_pipeline.py). So a
    trained sampling step costs 1 + K U-Net passes, K decodes and K SPM passes per prompt, against LPO's
    1 U-Net pass and K LRM passes (the paper's Tab. 5);
-2. a fixed threshold ``optimize.spo_threshold`` on pair_gap(S_w, S_l) = tanh((S_w - S_l)/2) (SPO's
+2. a fixed threshold ``optimize.spo.threshold`` on pair_gap(S_w, S_l) = tanh((S_w - S_l)/2) (SPO's
    compare function is the same softmax gap of the best and worst child);
-3. training only at timesteps <= ``optimize.spo_t_max`` (SPO's divert_start_step = 4 of 20 steps, t <= 750;
+3. training only at timesteps <= ``optimize.spo.t_max`` (SPO's divert_start_step = 4 of 20 steps, t <= 750;
    METHOD.md section 6: SPO trained on [0, 950] collapses). Steps above it are plain DDIM steps: one child,
    no scorer call, as in SPO, where branching starts at step 4;
-4. beta = ``optimize.spo_beta`` (10) in the same clipped loss (lpo.losses.lpo_loss).
+4. beta = ``optimize.spo.beta`` (10) in the clipped loss (``lpo.losses.step_dpo_loss``, named here: changing
+   LPO's loss does not change this baseline).
 
 The official pipeline reuses the chosen child's U-Net pass as the next step's trunk pass; here the trunk pass
 is run again (the same input, the same output), so the wall time is that of the paper's cost model
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,10 +35,20 @@ import torch
 from diffusers import DDIMScheduler
 
 from lpo.backbones import Backbone, PromptEmbeds
-from lpo.config import Config, ConfigError, OptimizeConfig, replace
+from lpo.branching import now
+from lpo.config import Config, ConfigError, OptimizeConfig, SpoMethodConfig
 from lpo.diffusion import cfg_noise_pred, ddim_step_split, ddim_timesteps
-from lpo.methods import MethodInputs
-from lpo.methods.lpo import StepPlan, ThresholdTable, check_step_config, load_scheduler, step_level_loop, step_plan
+from lpo.losses import step_dpo_loss
+from lpo.methods import Method, MethodInputs
+from lpo.methods.engine import (
+    PairwiseStepMethod,
+    StepPlan,
+    ThresholdTable,
+    check_step_config,
+    load_scheduler,
+    step_level_loop,
+    step_plan,
+)
 from lpo.reward.pixel import CONFIG_NAME as SPM_CONFIG_NAME
 from lpo.reward.pixel import StepAwarePixelModel, decode_latents
 from lpo.utils import write_json
@@ -52,12 +62,12 @@ log = logging.getLogger(__name__)
 
 
 def spo_plan(scheduler: DDIMScheduler, cfg: OptimizeConfig) -> StepPlan:
-    """LPO's StepPlan with SPO's fixed threshold at every step and training only where t <= spo_t_max
+    """The engine's StepPlan with SPO's fixed threshold at every step and training only where t <= spo.t_max
     (and inside optimize.t_min .. t_max, and sigma > 0, as LPO's plan)."""
     timesteps, _ = ddim_timesteps(scheduler, cfg.ddim_steps)
     grid = tuple(int(t) for t in timesteps)
-    table = ThresholdTable(grid, (cfg.spo_threshold,) * len(grid), (True,) * len(grid), "optimize.spo_threshold")
-    return step_plan(table, scheduler, dataclasses.replace(cfg, t_max=min(cfg.t_max, cfg.spo_t_max)))
+    table = ThresholdTable(grid, (cfg.spo.threshold,) * len(grid), (True,) * len(grid), "optimize.spo.threshold")
+    return step_plan(table, scheduler, dataclasses.replace(cfg, t_max=min(cfg.t_max, cfg.spo.t_max)))
 
 
 def check_inputs(cfg: Config, inputs: MethodInputs) -> None:
@@ -65,17 +75,19 @@ def check_inputs(cfg: Config, inputs: MethodInputs) -> None:
     a plan with at least one trained step."""
     ocfg = cfg.optimize
     check_step_config(ocfg)
-    if not 0.0 <= ocfg.spo_threshold < 1.0:
-        raise ConfigError(f"optimize.spo_threshold: a pair gap in [0, 1) is expected, got {ocfg.spo_threshold}")
-    if not ocfg.spo_beta > 0:
-        raise ConfigError(f"optimize.spo_beta: must be > 0, got {ocfg.spo_beta}")
+    if not 0.0 <= ocfg.spo.threshold < 1.0:
+        raise ConfigError(f"optimize.spo.threshold: a pair gap in [0, 1) is expected, got {ocfg.spo.threshold}")
+    if not ocfg.spo.beta > 0:
+        raise ConfigError(f"optimize.spo.beta: must be > 0, got {ocfg.spo.beta}")
+    if not 0.0 < ocfg.spo.clip_eps < 1.0:
+        raise ConfigError(f"optimize.spo.clip_eps: must be in (0, 1), got {ocfg.spo.clip_eps}")
     if inputs.spm_dir is None:
         raise ConfigError("optimize: --spm is required for method spo (the train_spm model folder)")
     if not (Path(inputs.spm_dir) / SPM_CONFIG_NAME).is_file():
         raise ConfigError(f"{inputs.spm_dir}: not an SPM folder (no {SPM_CONFIG_NAME}; run the train_spm rule first)")
     plan = spo_plan(load_scheduler(inputs.base_dir), ocfg)
     if not any(plan.train):
-        raise ConfigError(f"optimize.spo_t_max={ocfg.spo_t_max}, t_min={ocfg.t_min}, t_max={ocfg.t_max}: no step of "
+        raise ConfigError(f"optimize.spo.t_max={ocfg.spo.t_max}, t_min={ocfg.t_min}, t_max={ocfg.t_max}: no step of "
                           f"the sampling grid {list(plan.timesteps)} would be trained")
 
 
@@ -97,14 +109,8 @@ class SpoCost:
     seconds: dict[str, float] = field(default_factory=lambda: {"unet": 0.0, "decode": 0.0, "spm": 0.0})
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 class SpoScorer:
-    """Scores the B*K children of one step (the ``Scorer`` protocol of lpo/methods/lpo.py):
+    """Scores the B*K children of one step (the ``Scorer`` protocol of lpo/methods/engine.py):
 
         x0-hat = one CFG U-Net pass at t_child (the policy, as SPO's sampler uses the trained U-Net),
         image  = VAE decode of x0-hat,       score = SPM(image, t_child, prompt)
@@ -125,7 +131,7 @@ class SpoScorer:
     @torch.no_grad()
     def __call__(self, children: torch.Tensor, t: int) -> torch.Tensor:
         bb, cost, device = self.backbone, self.cost, children.device
-        start = _now(device)
+        start = now(device)
         if t > 0:
             out = cfg_noise_pred(bb.unet, children.to(bb.unet.dtype), t, self.cond.hidden_states,
                                  self.uncond.hidden_states, self.cfg_scale, self.cond.added_cond_kwargs(),
@@ -134,11 +140,11 @@ class SpoScorer:
             cost.unet_rows += children.shape[0]
         else:
             x0_hat = children  # the last step's children are x_0
-        unet_done = _now(device)
+        unet_done = now(device)
         images = decode_latents(bb.vae, x0_hat)  # (B*K, 3, H, W) in [-1, 1]
-        decoded = _now(device)
+        decoded = now(device)
         scores = self.spm.score(images, t, self.text)  # (B*K,)
-        end = _now(device)
+        end = now(device)
         cost.calls += 1
         cost.decode_rows += children.shape[0]
         cost.spm_rows += children.shape[0]
@@ -163,8 +169,27 @@ def load_spm(spm_dir: Path, device: torch.device) -> StepAwarePixelModel:
 # --------------------------------------------------------------------------------------------------------
 
 
+class Spo(PairwiseStepMethod):
+    """SPO's scorer (the SPM on each child's decoded x0-hat, at the child's timestep), its pair selection and
+    its loss."""
+
+    name = "spo"
+    score_at = "child"  # the loop passes max(t_prev, 0): SPO scores the child at the child's timestep
+    loss = staticmethod(step_dpo_loss)
+
+    def __init__(self, settings: SpoMethodConfig, spm: StepAwarePixelModel, backbone: Backbone,
+                 uncond: PromptEmbeds, cfg_scale: float, num_children: int) -> None:
+        self.beta, self.clip_eps = settings.beta, settings.clip_eps
+        self.spm, self.backbone, self.uncond = spm, backbone, uncond
+        self.cfg_scale, self.num_children = cfg_scale, num_children
+        self.cost = SpoCost()
+
+    def make_scorer(self, prompts: list[str]) -> SpoScorer:
+        return SpoScorer(self.spm, self.backbone, prompts, self.uncond, self.cfg_scale, self.num_children, self.cost)
+
+
 def train(cfg: Config, policy: Any, inputs: MethodInputs, workdir: Path, accelerator: Any) -> dict[str, Any]:
-    """SPO: LPO's step_level_loop with the SPM scorer at the child's timestep, spo_threshold, spo_t_max, spo_beta."""
+    """SPO: the engine with the SPM scorer at the child's timestep, spo.threshold, spo.t_max, spo.beta."""
     ocfg = cfg.optimize
     device = accelerator.device
     bb = policy.backbone
@@ -172,27 +197,20 @@ def train(cfg: Config, policy: Any, inputs: MethodInputs, workdir: Path, acceler
     spm = load_spm(Path(inputs.spm_dir), device)
     bb.vae.to(device)  # the scorer decodes every child's x0-hat
     uncond = bb.null_embeds(1).to(device)
-    cost = SpoCost()
     log.info("spo: %d of %d steps trained (t <= %d); threshold %.3f, beta %g; SPM %s (%s)", sum(plan.train),
-             len(plan), min(ocfg.t_max, ocfg.spo_t_max), ocfg.spo_threshold, ocfg.spo_beta, inputs.spm_dir, spm.kind)
-
-    def make_scorer(prompts: list[str]) -> SpoScorer:
-        return SpoScorer(spm, bb, prompts, uncond, ocfg.cfg, ocfg.num_children, cost)
-
-    # SPO scores the child at the child's timestep: the loop's "child" mode passes max(t_prev, 0).
-    spo_cfg = replace(cfg, optimize={"lrm_timestep": "child"})
-    summary = step_level_loop(spo_cfg, policy, inputs.prompts, workdir, accelerator, plan, make_scorer,
-                              ocfg.spo_beta, "spo")
-    summary["cost"].update(spo_cost_summary(cost, len(plan)))
-    summary.update({"spm": str(inputs.spm_dir), "spm_kind": spm.kind, "spo_threshold": ocfg.spo_threshold,
-                    "spo_t_max": ocfg.spo_t_max})
+             len(plan), min(ocfg.t_max, ocfg.spo.t_max), ocfg.spo.threshold, ocfg.spo.beta, inputs.spm_dir, spm.kind)
+    method = Spo(ocfg.spo, spm, bb, uncond, ocfg.cfg, ocfg.num_children)
+    summary = step_level_loop(cfg, policy, inputs.prompts, workdir, accelerator, plan, method)
+    summary["cost"].update(spo_cost_summary(method.cost, len(plan)))
+    summary.update({"spm": str(inputs.spm_dir), "spm_kind": spm.kind, "spo_threshold": ocfg.spo.threshold,
+                    "spo_t_max": ocfg.spo.t_max})
     if accelerator.is_main_process:
         write_json(workdir / "summary.json", summary)
     return summary
 
 
 def spo_cost_summary(cost: SpoCost, steps_per_rollout: int) -> dict[str, Any]:
-    """SPO's per-step cost next to LPO's keys (lpo.methods.lpo._summary), METHOD.md section 4 (Tab. 5).
+    """SPO's per-step cost next to LPO's keys (lpo.methods.engine._summary), METHOD.md section 4 (Tab. 5).
 
     ``unet_passes_per_sampling_step`` keeps LPO's unit (one CFG forward over the prompt batch; the K children
     are K such passes): 1 + K x (share of steps with a child pass). ``lrm_passes_per_sampling_step`` (one
@@ -219,3 +237,6 @@ def spo_cost_summary(cost: SpoCost, steps_per_rollout: int) -> dict[str, Any]:
         "scorer_calls": cost.calls,
         "rollouts_measured": cost.iterations,
     }
+
+
+METHOD = Method(check=check_inputs, train=train)

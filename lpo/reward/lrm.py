@@ -74,6 +74,14 @@ Timesteps = Union[int, float, torch.Tensor]
 # --------------------------------------------------------------------------------------------------------
 
 
+def check_lrm_dir(lrm_dir: str | Path) -> None:
+    """A ConfigError naming `lrm_dir` unless it holds a saved LRM (its config file)."""
+    from lpo.config import ConfigError
+
+    if not (Path(lrm_dir) / CONFIG_NAME).is_file():
+        raise ConfigError(f"{lrm_dir}: not an LRM folder (no {CONFIG_NAME}; run the train_lrm rule first)")
+
+
 def vfe_combine(mid_cond: torch.Tensor, mid_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Visual Feature Enhancement, METHOD.md section 1: V_enh = V_mid_uncond + gs (V_mid - V_mid_uncond).
 

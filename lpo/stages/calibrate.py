@@ -23,7 +23,7 @@ Modes:
 - ``sigma``: th(t) linear in the DDIM sigma between calibrate.th_min and th_max (the paper's rule, Eq. 11).
 - ``rollout``: on calibrate.n_prompts val prompts (cycled when the split is smaller; each draw has its own
   noise), run LPO's branching sampler (one CFG U-Net pass per step, K = optimize.num_children children,
-  the LRM scores all K at the parent's t, or the child's with optimize.lrm_timestep = child), roll every
+  the LRM scores all K at the parent's t, or the child's with optimize.lpo.lrm_timestep = child), roll every
   child out to x_0 with deterministic DDIM (eta 0, CFG optimize.cfg) along the rest of the grid, decode and
   judge it (shapes: oracle.judge -> annotator.reward, the annotator's noiseless reward), and record per
   step the LRM's best/worst gap and whether the judge prefers the LRM's best child. Judge ties
@@ -51,26 +51,23 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from tqdm import tqdm
 
-from lpo.backbones import Backbone, BackboneError, load_pipeline_folder
+from lpo.backbones import Backbone, BackboneError, load_pipeline_folder, load_scheduler
+from lpo.branching import branching_steps
 from lpo.calibration import kept_share, rollout_threshold, sigma_thresholds
 from lpo.config import Config, ConfigError, load_config, to_dict
-from lpo.diffusion import cfg_noise_pred, ddim_sigmas, ddim_step_split, ddim_timesteps, sample_children
+from lpo.diffusion import ddim_sigmas, ddim_timesteps
 from lpo.losses import pair_gap
-from lpo.reward.lrm import CONFIG_NAME as LRM_CONFIG_NAME
-from lpo.reward.lrm import LatentRewardModel
-from lpo.sampling import decode_images
+from lpo.reward.lrm import LatentRewardModel, check_lrm_dir
+from lpo.sampling import ddim_rollout, decode_images
 from lpo.utils import read_json, setup_logging, write_json
-from lpo.world.annotator import check_annotator, reward
-from lpo.world.oracle import judge
+from lpo.world.judge import Judge, judge_agreement, shapes_judge
 
 log = logging.getLogger(__name__)
 
@@ -176,21 +173,6 @@ def lrm_above_chance(lo: Sequence[Optional[float]], margin: float) -> list[bool]
     return [v is not None and float(v) > 0.5 + margin for v in lo]
 
 
-def load_scheduler(base_dir: Path) -> DDIMScheduler:
-    """The base pipeline's sampler as DDIM (as ``load_pipeline_folder`` makes it), without loading any model."""
-    if not (base_dir / "model_index.json").is_file():
-        raise ConfigError(f"{base_dir}: not a base pipeline folder (no model_index.json; run the base rule first)")
-    config_file = base_dir / "scheduler" / "scheduler_config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{config_file}: missing in the base pipeline folder")
-    return DDIMScheduler.from_config(read_json(config_file))
-
-
-def check_lrm_dir(lrm_dir: Path) -> None:
-    if not (lrm_dir / LRM_CONFIG_NAME).is_file():
-        raise ConfigError(f"{lrm_dir}: not an LRM folder (no {LRM_CONFIG_NAME}; run the train_lrm rule first)")
-
-
 def load_val_prompts(prompts_dir: Path, n: int) -> tuple[list[str], list[list[str]]]:
     """n calibration prompts (and their triples) from the shapes world's val split, cycled when it is smaller."""
     path = prompts_dir / "prompts.json"
@@ -205,44 +187,6 @@ def load_val_prompts(prompts_dir: Path, n: int) -> tuple[list[str], list[list[st
 
 
 # --------------------------------------------------------------------------------------------------------
-# The judge of rollout mode
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Judge:
-    """Scores decoded images against their prompts: reward(images uint8 (N, H, W, 3), prompt indices (N,)) -> (N,).
-
-    Rewards closer than tie_margin are a tie.
-    """
-
-    name: str
-    reward: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    tie_margin: float
-
-
-def shapes_judge(cfg: Config, triples: Sequence[Sequence[str]]) -> Judge:
-    """The shapes oracle + the simulated annotator's noiseless reward r = alignment + lambda quality."""
-    check_annotator(cfg.annotator)
-    table = [list(t) for t in triples]
-
-    def score(images: np.ndarray, prompt_idx: np.ndarray) -> np.ndarray:
-        return reward(judge(images, [table[i] for i in prompt_idx], cfg.world), cfg.annotator)
-
-    return Judge("shapes oracle + annotator reward", score, cfg.annotator.tie_margin)
-
-
-def judge_agreement(r_w: np.ndarray, r_l: np.ndarray, tie_margin: float) -> tuple[np.ndarray, np.ndarray]:
-    """(agree, tie) of the LRM's best (w) and worst (l) child, (B,) bool each.
-
-    tie: |r_w - r_l| < tie_margin or r_w == r_l; agree: r_w > r_l and no tie (ties are never agreement).
-    """
-    diff = np.asarray(r_w, dtype=np.float64) - np.asarray(r_l, dtype=np.float64)
-    tie = (np.abs(diff) < tie_margin) | (diff == 0)
-    return (diff > 0) & ~tie, tie
-
-
-# --------------------------------------------------------------------------------------------------------
 # Rollout mode: the branching sampler with every child rolled out and judged
 # --------------------------------------------------------------------------------------------------------
 
@@ -253,30 +197,6 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-@torch.no_grad()
-def rollout_to_x0(
-    backbone: Backbone,
-    x: torch.Tensor,
-    start: int,
-    timesteps: torch.Tensor,
-    prev: torch.Tensor,
-    cond: Any,
-    null: Any,
-    guidance: float,
-) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) with CFG from grid index `start` to the end: x (N, C, h, w) at level
-    timesteps[start] -> x_0 (N, C, h, w). start == len(timesteps) means x already is x_0.
-
-    cond: PromptEmbeds of the N rows; null: PromptEmbeds of the null prompt (1 row, broadcast).
-    """
-    for j in range(start, len(timesteps)):
-        t, t_prev = int(timesteps[j]), int(prev[j])
-        out = cfg_noise_pred(backbone.unet, x, t, cond.hidden_states, null.hidden_states, guidance,
-                             cond.added_cond_kwargs(), null.added_cond_kwargs())
-        x = ddim_step_split(out, x, t, t_prev, backbone.scheduler, eta=0.0).mean.to(x.dtype)
-    return x
 
 
 @torch.no_grad()
@@ -307,25 +227,23 @@ def branching_rollout(
     child_prompt = torch.arange(batch).repeat_interleave(k)  # (B*K,) prompt index of each child
 
     shape = (backbone.latent_channels, backbone.latent_size, backbone.latent_size)
-    x = torch.randn((batch, *shape), generator=gen).to(device) * backbone.scheduler.init_noise_sigma  # (B, C, h, w)
+    x_T = torch.randn((batch, *shape), generator=gen).to(device) * backbone.scheduler.init_noise_sigma  # (B, C, h, w)
     rows = {name: np.zeros((n_steps, batch), dtype=dtype) for name, dtype in
             (("gap", np.float64), ("agree", bool), ("tie", bool), ("reward_w", np.float64), ("reward_l", np.float64))}
     chunk = cal.batch_size
-    for i in tqdm(range(n_steps), desc="calibrate", unit="step", disable=not show_progress):
-        t, t_prev = int(timesteps[i]), int(prev[i])
-        out = cfg_noise_pred(backbone.unet, x, t, embeds.hidden_states, null.hidden_states, opt.cfg,
-                             embeds.added_cond_kwargs(), null.added_cond_kwargs())
-        split = ddim_step_split(out, x, t, t_prev, backbone.scheduler, opt.eta)
-        children = sample_children(split, k, gen).to(x.dtype)  # (B, K, C, h, w)
-        flat = children.flatten(0, 1)  # (B*K, C, h, w)
+    steps = branching_steps(backbone.unet, backbone.scheduler, embeds, null, x_T, timesteps, prev, opt.cfg, opt.eta,
+                            k, gen)
+    for step in tqdm(steps, total=n_steps, desc="calibrate", unit="step", disable=not show_progress):
+        i, t, t_prev = step.index, step.t, step.t_prev
+        flat = step.children.to(x_T.dtype).flatten(0, 1)  # (B*K, C, h, w)
 
-        t_score = t if opt.lrm_timestep == "parent" else max(t_prev, 0)
+        t_score = t if opt.lpo.lrm_timestep == "parent" else max(t_prev, 0)
         scores, rewards = [], []
         for s in range(0, batch * k, chunk):
             rows_ix = child_prompt[s:s + chunk]
             scores.append(lrm.score(flat[s:s + chunk], t_score, enc[s:s + chunk], null_enc).float().cpu())
-            x0 = rollout_to_x0(backbone, flat[s:s + chunk], i + 1, timesteps, prev,
-                               embeds.index(rows_ix.to(device)), null, opt.cfg)
+            x0 = ddim_rollout(backbone.unet, backbone.scheduler, flat[s:s + chunk], i + 1, timesteps, prev,
+                              embeds.index(rows_ix.to(device)), null, opt.cfg)
             rewards.append(judge.reward(decode_images(backbone.vae, x0), rows_ix.numpy()))
         score = torch.cat(scores).view(batch, k)  # (B, K)
         reward = np.concatenate(rewards).reshape(batch, k)  # (B, K)
@@ -335,9 +253,6 @@ def branching_rollout(
         rows["gap"][i] = pair_gap(score[b, best], score[b, worst]).double().numpy()
         rows["reward_w"][i], rows["reward_l"][i] = reward[b, best], reward[b, worst]
         rows["agree"][i], rows["tie"][i] = judge_agreement(rows["reward_w"][i], rows["reward_l"][i], judge.tie_margin)
-
-        pick = torch.randint(k, (batch,), generator=gen).to(device)  # LPO: the trunk goes on from a random child
-        x = children[torch.arange(batch, device=device), pick]  # (B, C, h, w)
     return rows
 
 
@@ -522,7 +437,7 @@ def run(
         "config": {
             "calibrate": to_dict(cal),
             "optimize": {"ddim_steps": opt.ddim_steps, "eta": opt.eta, "cfg": opt.cfg,
-                         "num_children": opt.num_children, "lrm_timestep": opt.lrm_timestep},
+                         "num_children": opt.num_children, "lrm_timestep": opt.lpo.lrm_timestep},
             "seed": cfg.experiment.seed,
         },
         "inputs": {"lrm": str(lrm_dir), "accuracy": str(accuracy_path), "base": str(base_dir),

@@ -2,7 +2,7 @@
 
 download.source = "pickapic": the real Pick-a-Pic v1 files from a local mirror or the hub
 (lpo.data.pickapic.download_pickapic); "shapes": pairs sampled from the shapes base model and labelled by the
-simulated annotator (lpo.stages.download_shapes, which needs the base model folder).
+simulated annotator (lpo.generate, which needs the base model folder).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def run(cfg: Config, out_dir: str | Path, base_dir: Optional[str | Path] = None)
     if source == "shapes":
         if base_dir is None:
             raise ValueError("download: source 'shapes' samples pairs from the base model; pass base_dir (--base)")
-        from lpo.stages import download_shapes  # imported here: it pulls in the shapes world and diffusers
+        from lpo import generate  # imported here: it pulls in the shapes world and diffusers
 
-        return download_shapes.run(cfg, out_dir, base_dir)
+        return generate.run(cfg, out_dir, base_dir)
     raise ValueError(f"download.source: unknown source {source!r}")  # the config's Literal makes this a bug
 
 

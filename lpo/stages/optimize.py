@@ -1,11 +1,12 @@
-"""Stage `optimize`: fine-tune the base model with one preference-optimisation method (lpo | spo | dpo).
+"""Stage `optimize`: fine-tune the base model with one preference-optimisation method (lpo.methods.METHODS).
 
     lpo optimize --config CFG --method lpo --base DIR --lrm DIR --thresholds JSON (--world DIR | --data DIR)
                  --workdir DIR --out DIR
 
 Prompts: the shapes world's train-split prompts (--world: results/<name>/world/prompts.json), or the train
 split captions of the downloaded Pick-a-Pic parquet files (--data). Each method is one module with a
-:class:`lpo.methods.Method` (``check`` before any compute, then ``train``), registered in ``METHODS`` below.
+:class:`lpo.methods.Method` (``check`` before any compute, then ``train``), registered in
+``lpo.methods.METHODS``.
 
 Outputs:
 - --out: a complete diffusers pipeline folder with the trained U-Net merged (what `evaluate` loads with
@@ -15,7 +16,7 @@ Outputs:
   implicit accuracy, kept pairs per timestep bucket), summary.json (settings, kept pairs, loss, per-step cost).
 
 Runs on one process or under ``accelerate launch`` (each process samples its own prompts; kept tuples are
-shared out equally, see lpo/methods/lpo.py).
+shared out equally, see lpo/methods/engine.py).
 """
 
 from __future__ import annotations
@@ -35,10 +36,7 @@ import torch
 from lpo.backbones import BackboneError, load_pipeline_folder
 from lpo.config import Config, ConfigError, load_config, to_dict
 from lpo.data.pickapic import SPLIT_NAMES, split_from_filename
-from lpo.methods import Method, MethodInputs
-from lpo.methods import lpo as lpo_method
-from lpo.methods import dpo as dpo_method
-from lpo.methods import spo as spo_method
+from lpo.methods import METHODS, Method, MethodInputs, get_method
 from lpo.policy import WEIGHT_DTYPES, build_policy, check_policy_config
 from lpo.utils import atomic_dir, read_json, seed_everything, setup_logging, write_json
 
@@ -46,14 +44,6 @@ log = logging.getLogger("lpo.optimize")
 
 LORA_SUBDIR = "lora"
 FINGERPRINT_FILE = "fingerprint.json"
-
-
-# method name -> Method (the CLI's --method choices come from here)
-METHODS: dict[str, Method] = {
-    "lpo": Method(check=lpo_method.check_inputs, train=lpo_method.train),
-    "spo": Method(check=spo_method.check_inputs, train=spo_method.train),
-    "dpo": Method(check=dpo_method.check_inputs, train=dpo_method.train),
-}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -161,15 +151,16 @@ def run(
     spm_dir: Optional[str | Path] = None,
     latents_dir: Optional[str | Path] = None,
     accelerator: Any = None,
+    implementation: Optional[Method] = None,
 ) -> dict:
     """Train `method` on the base pipeline folder and write --out (merged pipeline + lora/) and --workdir.
 
     Every input check (method, folders, prompts, the method's own list) runs before any model is loaded.
-    A checkpoint in workdir is resumed. Returns the method's summary.
+    A checkpoint in workdir is resumed. Returns the method's summary. `implementation` runs a method that is not
+    in the registry under the name `method` (the diagnostics in scripts/ do).
     """
     start = time.perf_counter()
-    if method not in METHODS:
-        raise ConfigError(f"optimize: unknown method {method!r} (choose from {', '.join(METHODS)})")
+    chosen = implementation if implementation is not None else get_method(method)
     base_dir, workdir, out_dir = Path(base_dir), Path(workdir), Path(out_dir)
     if not (base_dir / "model_index.json").is_file():
         raise ConfigError(f"{base_dir}: not a pipeline folder (no model_index.json; run the base rule first)")
@@ -183,7 +174,7 @@ def run(
                           thresholds=path(thresholds), spm_dir=path(spm_dir), latents_dir=path(latents_dir),
                           world_dir=path(world_dir), data_dir=path(data_dir))
     check_policy_config(cfg.optimize)
-    METHODS[method].check(cfg, inputs)
+    chosen.check(cfg, inputs)
 
     accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
     seed_everything(cfg.experiment.seed)  # the same on every process: identical LoRA init
@@ -202,7 +193,7 @@ def run(
     log.info("optimize %s: %d train prompts, %d process(es), base %s", method, len(prompts),
              accelerator.num_processes, base_dir)
 
-    summary = METHODS[method].train(cfg, policy, inputs, workdir, accelerator)
+    summary = chosen.train(cfg, policy, inputs, workdir, accelerator)
 
     if accelerator.is_main_process:
         info = {"method": method, "base": str(base_dir), "policy": policy.mode,
@@ -226,8 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--world", metavar="DIR", help="shapes: synthesize output (train-split prompts)")
     source.add_argument("--data", metavar="DIR", help="real worlds: downloaded parquet folder (train captions)")
-    parser.add_argument("--lrm", metavar="DIR", help="lpo: LRM folder (train_lrm output)")
-    parser.add_argument("--thresholds", metavar="JSON", help="lpo: calibrate's thresholds.json")
+    parser.add_argument("--lrm", metavar="DIR", help="lpo, grpo: LRM folder (train_lrm output)")
+    parser.add_argument("--thresholds", metavar="JSON", help="lpo, grpo: calibrate's thresholds.json")
     parser.add_argument("--spm", metavar="DIR", help="spo: step-aware pixel reward model folder")
     parser.add_argument("--latents", metavar="DIR", help="dpo: latent shards folder")
     parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints/, tb/, summary.json")

@@ -37,18 +37,25 @@ import numpy as np
 
 from lpo.config import Config, ConfigError, load_config
 from lpo.metrics.scorers import display_name
+from lpo.methods import METHODS
 from lpo.utils import setup_logging
 
 log = logging.getLogger(__name__)
 
 FIG_DIR = "figures"
 FIGURES = ("metrics.png", "metrics_table.png", "grid.png", "training_curves.png", "compute.png")
-# Stages whose benchmark seconds make up each method's training cost (reward model included).
-METHOD_STAGES: dict[str, tuple[str, ...]] = {
-    "lpo": ("train_lrm", "eval_lrm", "calibrate", "optimize_lpo"),  # calibrate gates on eval_lrm
-    "spo": ("train_spm", "optimize_spo"),
-    "dpo": ("optimize_dpo",),
-}
+
+
+def method_stages(method: str, bench: dict[str, dict]) -> tuple[str, ...]:
+    """Stages whose benchmark seconds make up a method's training cost: its reward model's (the registry's
+    reward_stages; calibrate gates on eval_lrm, hence both for LPO), sibling_lrm when the experiment ran it and
+    the method reads the LRM (it then reads the sibling-trained one), and its optimize run."""
+    spec = METHODS.get(method)
+    stages = spec.reward_stages if spec is not None else ()
+    if spec is not None and "lrm" in spec.inputs and "sibling_lrm" in bench:
+        stages = stages + ("sibling_lrm",)
+    return stages + (f"optimize_{method}",)
+
 # Absolute metrics in table order, and their column labels; scorer keys get their display names.
 METRIC_LABELS: dict[str, str] = {
     "exact": "exact match",
@@ -328,13 +335,11 @@ def metrics_rows(metrics: dict[str, dict], columns: list[str]) -> list[list[str]
 
 
 def method_compute(bench: dict[str, dict], methods: list[str]) -> dict[str, dict]:
-    """Per method: summed wall and CPU seconds of METHOD_STAGES (reward-model training included) and the
+    """Per method: summed wall and CPU seconds of ``method_stages`` (reward-model training included) and the
     stages without a benchmark file."""
     out = {}
     for method in methods:
-        stages = METHOD_STAGES.get(method, (f"optimize_{method}",))
-        if method == "lpo" and "sibling_lrm" in bench:  # sibling_lrm.enabled: LPO's LRM cost that stage too
-            stages = stages + ("sibling_lrm",)
+        stages = method_stages(method, bench)
         have = [s for s in stages if s in bench]
         out[method] = {
             "stages": list(stages),

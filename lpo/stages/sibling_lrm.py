@@ -12,7 +12,7 @@ teacher. Enabled by `sibling_lrm.enabled`; then LPO's calibrate and optimize rea
    Every sibling pair whose rewards differ by >= annotator.tie_margin is a preference pair (winner, loser,
    parent t, prompt). With `labels: annotator` a train pair is ordered by one draw of the simulated annotator.
 2. training: Bradley-Terry (METHOD.md §2 "Loss", lpo.losses.bradley_terry_loss with strict labels), children
-   scored at the parent's t (LPO's `optimize.lrm_timestep: parent`), AdamW on the encoder half and the heads.
+   scored at the parent's t (LPO's `optimize.lpo.lrm_timestep: parent`), AdamW on the encoder half and the heads.
 3. held out: the pairs of every `held_out_every`-th prompt are never trained on; their concordance (share
    ordered like the noiseless judge), overall and per quarter of the timestep range, is measured every
    `eval_every` steps; the best checkpoint by overall held-out concordance is the output.
@@ -35,16 +35,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lpo.backbones import BackboneError, load_pipeline_folder
+from lpo.backbones import BackboneError, load_pipeline_folder, load_scheduler
+from lpo.branching import branching_steps
 from lpo.config import Config, ConfigError, load_config, to_dict
-from lpo.diffusion import cfg_noise_pred, ddim_step_split, ddim_timesteps, sample_children
+from lpo.diffusion import ddim_timesteps
 from lpo.losses import bradley_terry_loss
-from lpo.methods.lpo import NUM_BUCKETS, timestep_bucket
-from lpo.reward.lrm import LatentRewardModel
-from lpo.sampling import decode_images
-from lpo.stages.calibrate import check_lrm_dir, load_scheduler, rollout_to_x0, shapes_judge
+from lpo.methods.engine import NUM_BUCKETS, timestep_bucket
+from lpo.reward.lrm import LatentRewardModel, check_lrm_dir
+from lpo.sampling import ddim_rollout, decode_images
 from lpo.utils import atomic_dir, read_json, setup_logging, write_json
 from lpo.world.annotator import annotate
+from lpo.world.judge import shapes_judge
 
 log = logging.getLogger("lpo.sibling_lrm")
 
@@ -120,17 +121,16 @@ def sibling_rollouts(cfg: Config, backbone: Any, prompts: list[str], triples: li
     child_prompt = torch.arange(batch).repeat_interleave(k)  # (B*K,)
     child_embeds = embeds.index(child_prompt)
     shape = (backbone.latent_channels, backbone.latent_size, backbone.latent_size)
-    x = torch.randn((batch, *shape), generator=gen) * backbone.scheduler.init_noise_sigma
+    x_T = torch.randn((batch, *shape), generator=gen) * backbone.scheduler.init_noise_sigma
     children_all, rewards_all = [], []
-    for i in tqdm(range(len(timesteps)), desc="rollouts", unit="step", mininterval=5):
-        t, t_prev = int(timesteps[i]), int(prev[i])
-        out = cfg_noise_pred(backbone.unet, x, t, embeds.hidden_states, null.hidden_states, opt.cfg,
-                             embeds.added_cond_kwargs(), null.added_cond_kwargs())
-        children = sample_children(ddim_step_split(out, x, t, t_prev, backbone.scheduler, opt.eta), k, gen)
-        x0 = rollout_to_x0(backbone, children.flatten(0, 1), i + 1, timesteps, prev, child_embeds, null, opt.cfg)
+    steps = branching_steps(backbone.unet, backbone.scheduler, embeds, null, x_T, timesteps, prev, opt.cfg, opt.eta,
+                            k, gen)
+    for step in tqdm(steps, total=len(timesteps), desc="rollouts", unit="step", mininterval=5):
+        children = step.children  # (B, K, C, h, w); a random child goes on when the next step is asked for
+        x0 = ddim_rollout(backbone.unet, backbone.scheduler, children.flatten(0, 1), step.index + 1, timesteps, prev,
+                          child_embeds, null, opt.cfg)
         rewards_all.append(judge.reward(decode_images(backbone.vae, x0), child_prompt.numpy()).reshape(batch, k))
         children_all.append(children.float().numpy())
-        x = children[torch.arange(batch), torch.randint(k, (batch,), generator=gen)]  # a random child goes on
     return {"children": np.stack(children_all), "rewards": np.stack(rewards_all),
             "timesteps": timesteps.numpy().astype(np.int64)}
 

@@ -4,8 +4,12 @@ import os
 import sys
 
 import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
+
+sys.path.insert(0, workflow.basedir)
+from lpo.methods import INPUT_KINDS, METHODS as METHOD_REGISTRY  # the method registry (light: no torch)
 
 
 # Fills schema defaults in place, so `config` below is complete. The lpo stages validate again (lpo/config.py).
@@ -17,7 +21,7 @@ RES = f"results/{NAME}"
 DATASET = config["download"]["dataset"]
 METHODS = list(config["optimize"]["methods"])
 MODELS = ["base"] + METHODS
-# The LRM that LPO's calibrate and optimize read: train_lrm's (the paper's recipe), or, with sibling_lrm.enabled,
+# The LRM that LPO's calibrate and the LRM-scored methods' optimize read: train_lrm's (the paper's recipe), or, with sibling_lrm.enabled,
 # the same model fine-tuned on rollout-judged sibling pairs (rule sibling_lrm; README "LPO"). evaluate and
 # eval_lrm always use train_lrm's.
 LPO_LRM = f"{RES}/sibling_lrm/model" if config["sibling_lrm"]["enabled"] else f"{RES}/lrm/model"
@@ -58,6 +62,13 @@ CFG = _write_resolved_config()
 def section(*names):
     """A rule's config sections as one JSON string: a change re-runs the rule (params trigger)."""
     return json.dumps({n: config[n] for n in names}, sort_keys=True)
+
+
+def optimize_section(wildcards):
+    """What one method's optimize run reads: the shared optimize keys and its own section, not the other
+    methods' sections (a change to SPO's beta must not re-run LPO)."""
+    shared = {k: v for k, v in config["optimize"].items() if k not in METHOD_REGISTRY}
+    return json.dumps({"optimize": shared, wildcards.method: config["optimize"][wildcards.method]}, sort_keys=True)
 
 
 def gpus(rule):
@@ -119,15 +130,29 @@ def final_targets():
     return [f"{RES}/report.md"]
 
 
+# Where each kind of method input (lpo.methods.INPUT_KINDS) comes from.
+METHOD_INPUT_PATHS = {
+    "lrm": LPO_LRM,
+    "thresholds": f"{RES}/calibration/thresholds.json",
+    "spm": f"{RES}/spm/model",
+    "latents": f"{RES}/latents",
+}
+assert set(METHOD_INPUT_PATHS) == set(INPUT_KINDS), "common.smk: METHOD_INPUT_PATHS must cover lpo.methods.INPUT_KINDS"
+
+
+def method_spec(method):
+    if method not in METHOD_REGISTRY:
+        raise WorkflowError(f"optimize: unknown method {method!r} (lpo.methods.METHODS: {', '.join(METHOD_REGISTRY)})")
+    return METHOD_REGISTRY[method]
+
+
 def optimize_inputs(wildcards):
-    """Each method's inputs: LPO needs the LRM and thresholds, SPO its pixel model, DPO the latent shards."""
-    inputs = {"base": f"{RES}/base"}
-    if wildcards.method == "lpo":
-        inputs |= {"lrm": LPO_LRM, "thresholds": f"{RES}/calibration/thresholds.json"}
-    elif wildcards.method == "spo":
-        inputs |= {"spm": f"{RES}/spm/model"}
-    else:
-        inputs |= {"latents": f"{RES}/latents"}
+    """Each method's inputs, as its registry entry lists them (an input kind without a path is an error)."""
+    spec = method_spec(wildcards.method)
+    unknown = [kind for kind in spec.inputs if kind not in METHOD_INPUT_PATHS]
+    if unknown:
+        raise WorkflowError(f"optimize {wildcards.method}: no rule provides the inputs {unknown}")
+    inputs = {"base": f"{RES}/base"} | {kind: METHOD_INPUT_PATHS[kind] for kind in spec.inputs}
     if WORLD == "shapes":
         inputs |= {"world": f"{RES}/world"}
     else:

@@ -1,4 +1,5 @@
-# Preference optimisation: LPO (the method), SPO and Diffusion-DPO (the baselines), one rule for all three.
+# Preference optimisation: one rule for every method of the registry (lpo.methods.METHODS): LPO (the method),
+# SPO and Diffusion-DPO (the baselines), step-level GRPO.
 
 
 rule optimize:
@@ -14,9 +15,9 @@ rule optimize:
         cmd=stage_cmd("optimize"),
         # not `calibrate`: LPO sees the calibration through its thresholds file (an input), and a calibration
         # change must not re-run SPO and Diffusion-DPO
-        section=section("optimize"),
+        section=optimize_section,
         extra=lambda wildcards, input: " ".join(
-            f"--{key} {input[key]}" for key in ("lrm", "thresholds", "spm", "latents", "world", "data") if key in input.keys()
+            f"--{key} {input[key]}" for key in (*INPUT_KINDS, "world", "data") if key in input.keys()
         ),
         workdir=f"{RES}/optimize/{{method}}",
     resources:

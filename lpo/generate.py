@@ -1,4 +1,5 @@
-"""The `download` stage's shapes source: preference pairs sampled by the base model, labelled by the annotator.
+"""Data made by sampling a model: the shapes world's preference pairs (the `download` stage's shapes source),
+sampled by the base model and labelled by the simulated annotator.
 
 As Pick-a-Pic mixes models and sampling settings, each image of a pair gets its own CFG scale and step count
 (download.cfg_choices, download.steps_choices) and its own seed. The oracle judges both images, the simulated
