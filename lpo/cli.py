@@ -27,7 +27,7 @@ STAGES: dict[str, str] = {
     "optimize": "lpo.stages.optimize",
     "evaluate": "lpo.stages.evaluate",
     "report": "lpo.stages.report",
-    "bench": "lpo.stages.bench",
+    "bench": "lpo.tools.bench",
 }
 
 USAGE = "usage: lpo <stage> [options]   (lpo <stage> --help for a stage's options)\nstages: " + ", ".join(STAGES)

@@ -362,3 +362,51 @@ def step_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor)
         - 0.5 * math.log(2 * math.pi)
     )  # (B, C, h, w)
     return log_p.flatten(1).mean(dim=1)  # (B,)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Noising: the reward models' pair protocol (METHOD.md section 2), shared by train_lrm, eval_lrm and bench
+# --------------------------------------------------------------------------------------------------------
+
+import zlib  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def q_sample(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion, METHOD.md section 2 "Noising": x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM add_noise).
+
+    x0, eps: (B, ...); t: (B,) integer timesteps; alphas_cumprod: (T,) the scheduler's alpha-bar.
+    """
+    a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[t.to(x0.device)]  # (B,)
+    a = a.view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ...)
+    return (a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()).to(x0.dtype)
+
+
+def noisy_pair(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    eps_posterior: torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """Both latents of each pair at the SAME t with INDEPENDENT noise (METHOD.md section 2).
+
+    x0 = mean + std * eps_posterior (a VAE posterior sample, as the official code's ``latent_dist.sample()``);
+    x_t = q_sample(x0, eps, t). mean, std, eps_*: (B, 2, C, h, w); t: (B,). Returns (B, 2, C, h, w).
+    """
+    x0 = mean + std * eps_posterior  # (B, 2, C, h, w)
+    b, two = x0.shape[:2]
+    flat = q_sample(x0.flatten(0, 1), eps.flatten(0, 1), t.repeat_interleave(two), alphas_cumprod)  # (2B, C, h, w)
+    return flat.view(b, two, *x0.shape[2:])
+
+
+def key_noise(seed: int, key: str, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation noise of one pair (posterior, diffusion), each (2, *shape): a pure function of (seed, key).
+
+    Independent of batch, rank and order, and the same at every t (common random numbers across the curve)."""
+    state = np.random.SeedSequence([seed, 0xE7A1, zlib.crc32(key.encode("utf-8"))]).generate_state(2, np.uint32)
+    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randn((2, *shape), generator=gen), torch.randn((2, *shape), generator=gen)

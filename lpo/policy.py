@@ -13,8 +13,9 @@ Outputs, both readable by stock diffusers:
 - ``save_merged(path)``: a complete pipeline folder with the adapters fused into the U-Net weights, read by
   ``StableDiffusion(XL)Pipeline.from_pretrained(path)`` and ``lpo.backbones.load_pipeline_folder``.
 
-Checkpoints (``save_checkpoint`` / ``load_checkpoint``) hold the trainable weights, the optimiser state, the
-per-rank random generators and the iteration, written atomically, so a killed run resumes exactly.
+Checkpoints (``save_checkpoint`` / ``load_checkpoint``, in lpo.checkpoint's format) hold the trainable weights,
+the optimiser state, the per-rank random generators and the iteration, written atomically, so a killed run
+resumes exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
@@ -33,6 +33,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from lpo import checkpoint
 from lpo.backbones import Backbone
 from lpo.config import ConfigError, LoraConfig, OptimizeConfig
 
@@ -49,7 +50,6 @@ LORA_PIPELINES: dict[str, type] = {
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save/load_lora_weights use
 # optimize.mixed_precision -> dtype of the frozen weights (base U-Net under LoRA, reference copy, reward model)
 WEIGHT_DTYPES: dict[str, torch.dtype] = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CHECKPOINT_FORMAT = 1
 
 
 class PolicyError(ConfigError):
@@ -261,36 +261,30 @@ def save_checkpoint(
 ) -> None:
     """One file with what an exact resume needs: weights, optimiser, every rank's generator, iteration.
 
-    Written to a temporary file and renamed, so a kill never leaves half a checkpoint.
+    lpo.checkpoint's format, written to a temporary file and renamed, so a kill never leaves half a checkpoint.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": CHECKPOINT_FORMAT,
+    checkpoint.save_state(path, {
         "mode": policy.mode,
         "iteration": iteration,
         "trainable": policy.trainable_state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": [s.cpu() for s in rng_states],
         "extra": extra or {},
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    })
 
 
 def load_checkpoint(path: str | Path, policy: Policy, optimizer: torch.optim.Optimizer, world_size: int) -> Optional[dict]:
-    """Restore weights and optimiser from ``path`` if it exists; returns the state (iteration, rng, extra) or None.
+    """Restore weights and optimiser from ``path`` if it exists; returns the state (iteration, rng, extra) or None
+    (also, with a warning, for a checkpoint of another format: training starts over).
 
     The generators are per rank, so a resume must use the same number of processes.
     """
-    path = Path(path)
-    if not path.is_file():
+    state = checkpoint.load_state(path, what="policy checkpoint")
+    if state is None:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("mode") != policy.mode:
-        raise PolicyError(f"{path}: checkpoint of format {state.get('format')!r}, mode {state.get('mode')!r}; "
-                          f"this run needs format {CHECKPOINT_FORMAT}, mode {policy.mode!r} (delete the work folder)")
+    if state.get("mode") != policy.mode:
+        raise PolicyError(f"{path}: checkpoint of mode {state.get('mode')!r}; this run needs mode {policy.mode!r} "
+                          "(delete the work folder)")
     if len(state["rng"]) != world_size:
         raise PolicyError(f"{path}: written by {len(state['rng'])} processes, resumed with {world_size}; "
                           "resume with the same number of processes or delete the work folder")

@@ -1,4 +1,4 @@
-"""`lpo bench` (lpo/stages/bench.py, issue #8 item 6): the shapes and tiny-sd15 sizes run end to end with one
+"""`lpo bench` (lpo/tools/bench.py, issue #8 item 6): the shapes and tiny-sd15 sizes run end to end with one
 repeat and emit every key with finite positive timings; the per-step counts, taken by hooks on the models,
 show SPO's K extra U-Net evaluations, K decodes and K pixel-model evaluations per prompt against LPO's one CFG
 U-Net pass and one batched LRM call; the step choice and the statistics; bad input. Offline, tiny models."""
@@ -15,7 +15,7 @@ import torch
 
 from lpo import cli
 from lpo.config import ConfigError
-from lpo.stages import bench as B
+from lpo.tools import bench as B
 
 ITEMS = ("lpo_step", "spo_step", "lrm_train_step_latents", "lrm_train_step_on_the_fly", "loader_epoch")
 RATIOS = ("spo_over_lpo_step", "on_the_fly_over_latents_lrm_step", "loader_over_train_samples_per_s")

@@ -24,7 +24,9 @@ from test_train_lrm import toy_config
 
 from lpo import cli
 from lpo.backbones import build_tiny_sd15, sd_scheduler
+from lpo import diffusion as D
 from lpo.calibration import accuracy_ci
+from lpo.reward import pairs as PR
 from lpo.stages import eval_lrm as E
 from lpo.stages import train_lrm as T
 from lpo.utils import write_json
@@ -53,7 +55,7 @@ def test_q_sample_matches_diffusers_add_noise():
     x0, eps = torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8)
     t = torch.tensor([1, 100, 500, 900, 999])
     ref = DDPMScheduler.from_config(sched.config).add_noise(x0, eps, t)
-    torch.testing.assert_close(E.q_sample(x0, eps, t, sched.alphas_cumprod), ref)
+    torch.testing.assert_close(D.q_sample(x0, eps, t, sched.alphas_cumprod), ref)
 
 
 def test_noisy_pair_uses_one_t_per_pair_and_separate_noise_per_image():
@@ -61,29 +63,29 @@ def test_noisy_pair_uses_one_t_per_pair_and_separate_noise_per_image():
     mean, std = torch.randn(3, 2, 4, 8, 8), torch.rand(3, 2, 4, 8, 8)
     eps_post, eps = torch.randn(3, 2, 4, 8, 8), torch.randn(3, 2, 4, 8, 8)
     t = torch.tensor([10, 500, 990])
-    out = E.noisy_pair(mean, std, t, sched.alphas_cumprod, eps_post, eps)
+    out = D.noisy_pair(mean, std, t, sched.alphas_cumprod, eps_post, eps)
     assert out.shape == (3, 2, 4, 8, 8)
     for k in (0, 1):  # image k of every pair: its own posterior sample and noise, the pair's t
         x0 = mean[:, k] + std[:, k] * eps_post[:, k]
-        torch.testing.assert_close(out[:, k], E.q_sample(x0, eps[:, k], t, sched.alphas_cumprod))
+        torch.testing.assert_close(out[:, k], D.q_sample(x0, eps[:, k], t, sched.alphas_cumprod))
 
 
 def test_pair_correct_excludes_ties_and_counts_equal_scores_wrong():
     s0 = torch.tensor([2.0, 0.0, 1.0, 1.0])
     s1 = torch.tensor([1.0, 3.0, 1.0, 0.0])
     labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-    correct, decided = E.pair_correct(s0, s1, labels)
+    correct, decided = PR.pair_correct(s0, s1, labels)
     assert correct.tolist() == [True, False, False, False]
     assert decided.tolist() == [True, True, True, False]
 
 
 def test_key_noise_depends_only_on_seed_and_key():
-    a0, a1 = E.key_noise(0, "pair-1", (4, 8, 8))
-    b0, b1 = E.key_noise(0, "pair-1", (4, 8, 8))
+    a0, a1 = D.key_noise(0, "pair-1", (4, 8, 8))
+    b0, b1 = D.key_noise(0, "pair-1", (4, 8, 8))
     assert torch.equal(a0, b0) and torch.equal(a1, b1) and a0.shape == (2, 4, 8, 8)
     assert not torch.allclose(a0[0], a0[1])  # the two images of a pair get different noise
-    assert not torch.allclose(E.key_noise(1, "pair-1", (4, 8, 8))[0], a0)
-    assert not torch.allclose(E.key_noise(0, "pair-2", (4, 8, 8))[0], a0)
+    assert not torch.allclose(D.key_noise(1, "pair-1", (4, 8, 8))[0], a0)
+    assert not torch.allclose(D.key_noise(0, "pair-2", (4, 8, 8))[0], a0)
 
 
 def test_accuracy_table_uses_decided_pairs_and_wilson_intervals():
@@ -178,7 +180,7 @@ def test_spm_curve_is_added_through_the_pixel_module(trained, tmp_path, monkeypa
 
     def pixel_correct_by_t(spm, backbone, loader, timesteps, seed, cfg_scale, batch_size):
         seen["base_unet"] = type(backbone.unet).__name__
-        batches = list(E.chunked_batches(loader, batch_size))
+        batches = list(PR.chunked_batches(loader, batch_size))
         out = {}
         for j, t in enumerate(timesteps):  # "correct" for every decided pair at low t, every other one above
             out[t] = {k: (t < 500 or i % 2 == 0) for b in batches for i, (k, lab) in

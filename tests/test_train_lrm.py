@@ -28,6 +28,7 @@ from lpo.diffusion import ddim_timesteps
 from lpo.losses import bradley_terry_loss, per_prompt_weights
 from lpo.reward.lrm import LatentRewardModel
 from lpo.stages import train_lrm as T
+from lpo.training import lrm as LT
 
 from latents_helpers import PROMPTS, run_killed, toy_samples, write_toy_latents  # noqa: F401
 
@@ -143,7 +144,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_best_model(base_dir, lat
     assert list((work / "tb").glob("events.out.tfevents.*"))
     lrm = LatentRewardModel.from_pretrained(work / "model")
     best = torch.load(work / "checkpoints" / f"step-{summary['best_step']:07d}" / "state.pt", weights_only=False)
-    assert torch.equal(lrm.visual_proj.weight, best["model"]["visual_proj.weight"])  # model/ = the best step
+    assert torch.equal(lrm.visual_proj.weight, best["trainable"]["visual_proj.weight"])  # model/ = the best step
     assert summary["seconds_per_step"]["mean"] > 0 and summary["truncated_captions"] == 0
 
 
@@ -154,7 +155,7 @@ def test_resume_after_a_kill_ends_with_identical_weights(base_dir, latents, tmp_
     T.run(cfg, latents, base_dir, straight)
 
     killed = tmp_path / "killed"
-    run_killed(monkeypatch, T, "bradley_terry_loss", 5, lambda: T.run(cfg, latents, base_dir, killed))
+    run_killed(monkeypatch, LT, "bradley_terry_loss", 5, lambda: T.run(cfg, latents, base_dir, killed))
     assert json.loads((killed / "checkpoints" / "latest.json").read_text())["step"] == 3
     assert not (killed / "model").exists()  # the model folder appears only at the end
     summary = T.run(cfg, latents, base_dir, killed)
@@ -163,9 +164,9 @@ def test_resume_after_a_kill_ends_with_identical_weights(base_dir, latents, tmp_
     a = torch.load(straight / "checkpoints" / "step-0000007" / "state.pt", weights_only=False)
     b = torch.load(killed / "checkpoints" / "step-0000007" / "state.pt", weights_only=False)
     assert a["data"] == b["data"] == {"epoch": 1, "batch": 2}
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["trainable"].keys() == b["trainable"].keys()
+    for name in a["trainable"]:
+        assert torch.equal(a["trainable"][name], b["trainable"][name]), name
     assert read_log(straight) == read_log(killed)  # same losses, step by step; no duplicated records
     best_a = LatentRewardModel.from_pretrained(straight / "model").state_dict()
     best_b = LatentRewardModel.from_pretrained(killed / "model").state_dict()
@@ -183,19 +184,19 @@ def test_a_changed_config_does_not_resume_old_checkpoints(base_dir, latents, tmp
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(base_dir, latents, tmp_path,
                                                                                monkeypatch):
     work = tmp_path / "lrm"
-    real_loss, calls = T.bradley_terry_loss, {"n": 0}
+    real_loss, calls = LT.bradley_terry_loss, {"n": 0}
 
     def nan_in_step_5(*args, **kwargs):
         calls["n"] += 1
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(T, "bradley_terry_loss", nan_in_step_5)
+    monkeypatch.setattr(LT, "bradley_terry_loss", nan_in_step_5)
     cfg = toy_config(steps=8, eval_every=3, checkpoint_every=3)
     with pytest.raises(T.TrainLrmError, match=r"non-finite loss .* at step 5 .*step-0000003 \(step 3\)"):
         T.run(cfg, latents, base_dir, work)
     good = torch.load(work / "checkpoints" / "step-0000003" / "state.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    assert all(torch.isfinite(v).all() for v in good["trainable"].values())
     assert json.loads((work / "checkpoints" / "latest.json").read_text())["step"] == 3
     assert not (work / "model").exists()
     assert read_log(work)[-1] == {"event": "nonfinite_loss", "step": 5, "epoch": 0, "batch": 4}
@@ -287,7 +288,7 @@ def test_trained_text_encoder_checkpointing_and_uniform_timesteps_run(base_dir, 
     base = build_tiny_sd15(0).text_encoder.state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base)  # the text encoder was trained
     state = torch.load(tmp_path / "lrm" / "checkpoints" / "step-0000002" / "state.pt", weights_only=False)
-    assert any(k.startswith("text_encoder.") for k in state["model"])
+    assert any(k.startswith("text_encoder.") for k in state["trainable"])
 
 
 def test_patience_stops_early_and_a_rerun_finishes_at_once(base_dir, latents, tmp_path):

@@ -55,7 +55,7 @@ def test_training_lowers_the_loss_and_writes_the_best_model(base_dir, latents, t
     assert summary["best_step"] in (5, 10) and summary["best_metric"] >= 0.75, summary["validations"]
     assert list(summary["best_acc_by_t"]) == ["0", "10"]
     for name in ("model/spm_config.json", "model/model.safetensors", "model/train_spm.json", "summary.json",
-                 "checkpoints/state.pt"):
+                 "checkpoints/latest.json", "checkpoints/step-0000010/state.pt", "checkpoints/best/best.json"):
         assert (work / name).is_file(), name
     assert list((work / "tb").glob("events.out.tfevents.*"))
     cost = summary["cost"]
@@ -64,11 +64,13 @@ def test_training_lowers_the_loss_and_writes_the_best_model(base_dir, latents, t
     assert all(set(r["seconds"]) == {"unet", "decode", "score"} for r in read_log(work) if "loss" in r)
     spm = StepAwarePixelModel.from_pretrained(work / "model")
     best = summary["best_step"]
-    state = torch.load(work / "checkpoints" / "state.pt", weights_only=False)
-    assert state["best"]["step"] == best
-    for name, p in spm.named_parameters():
-        if name in state["best"]["state"]:
-            assert torch.equal(p, state["best"]["state"][name]), name  # model/ = the best step
+    state = torch.load(work / "checkpoints" / "step-0000010" / "state.pt", weights_only=False)
+    assert state["run"]["best_step"] == best == json.loads((work / "checkpoints" / "best" / "best.json").read_text())["step"]
+    kept = StepAwarePixelModel.from_pretrained(work / "checkpoints" / "best").state_dict()
+    for name, p in spm.state_dict().items():
+        assert torch.equal(p, kept[name]), name  # model/ = the best step
+    if best == 10:
+        assert all(torch.equal(spm.state_dict()[n], v) for n, v in state["trainable"].items())
 
 
 def test_resume_after_a_kill_ends_with_identical_weights(base_dir, latents, tmp_path, monkeypatch):
@@ -79,12 +81,12 @@ def test_resume_after_a_kill_ends_with_identical_weights(base_dir, latents, tmp_
 
     killed = tmp_path / "killed"
     run_killed(monkeypatch, T, "bradley_terry_loss", 5, lambda: T.run(cfg, latents, base_dir, killed))
-    assert torch.load(killed / "checkpoints" / "state.pt", weights_only=False)["step"] == 3
+    assert json.loads((killed / "checkpoints" / "latest.json").read_text())["step"] == 3
     assert not (killed / "model").exists()  # the model folder appears only at the end
     T.run(cfg, latents, base_dir, killed)
 
-    a = torch.load(straight / "checkpoints" / "state.pt", weights_only=False)
-    b = torch.load(killed / "checkpoints" / "state.pt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "step-0000007" / "state.pt", weights_only=False)
+    b = torch.load(killed / "checkpoints" / "step-0000007" / "state.pt", weights_only=False)
     assert a["step"] == b["step"] == 7 and a["trainable"].keys() == b["trainable"].keys()
     for name in a["trainable"]:
         assert torch.equal(a["trainable"][name], b["trainable"][name]), name
@@ -95,7 +97,7 @@ def test_resume_after_a_kill_ends_with_identical_weights(base_dir, latents, tmp_
 def test_a_checkpoint_of_another_config_or_other_inputs_is_not_resumed(base_dir, latents, tmp_path, caplog):
     work = tmp_path / "spm"
     T.run(toy_config(steps=2, eval_every=2, checkpoint_every=2, eval_timesteps=[0]), latents, base_dir, work)
-    caplog.set_level("INFO", logger="lpo.train_spm")
+    caplog.set_level("INFO", logger="lpo.training")
     T.run(toy_config(steps=3, eval_every=3, checkpoint_every=3, eval_timesteps=[0]), latents, base_dir, work)
     assert "resumed from" in caplog.text and "starting over" not in caplog.text  # same config: extends the run
 

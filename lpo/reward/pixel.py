@@ -49,6 +49,7 @@ from lpo.calibration import accuracy_ci
 from lpo.config import ConfigError, TrainSpmConfig
 from lpo.diffusion import cfg_noise_pred, ddim_step_split
 from lpo.reward.lrm import masked_mean, noise_aware_score
+from lpo.reward.pairs import chunked_batches, pair_correct
 from lpo.utils import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -598,10 +599,8 @@ def pixel_correct_by_t(
     Every pair of `loader` (a PairLoader; with batch_size 1 no pair is dropped: it is regrouped here into
     batches of `batch_size`) gets its posterior and diffusion noise from ``pair_noise(seed, key)``, then
     ``decoded_x0_hat`` with the base model's CFG `cfg_scale` (train_spm.cfg), then the SPM at t. Ties
-    (0.5, 0.5) are left out; an exact score tie counts as wrong (lpo.stages.train_lrm.pair_correct).
+    (0.5, 0.5) are left out; an exact score tie counts as wrong (lpo.reward.pairs.pair_correct).
     """
-    from lpo.stages.train_lrm import chunked_batches, pair_correct
-
     device = backbone.unet.device
     ts = sorted({int(t) for t in timesteps})
     batches = chunked_batches(loader, batch_size) if loader.batch_size == 1 else loader.iterate(0)

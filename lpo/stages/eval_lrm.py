@@ -1,9 +1,9 @@
 """Stage `eval_lrm`: pairwise accuracy of the trained LRM on the test split at every DDIM timestep.
 
-This module also holds the LRM's pair protocol that train_lrm trains and validates with (``noisy_pair``,
-``PairScorer``, ``score_pairs``): both images of a pair at the same t, each drawn from its VAE posterior and
-noised with its own noise; here seeded by (experiment.seed, pair key), so every model and every run sees the
-same noisy latents. Ties (0.5, 0.5) are excluded; intervals are Wilson 95%
+The pairs are scored with the protocol train_lrm trains and validates with (lpo.reward.pairs: ``PairScorer``,
+``score_pairs``; noising in lpo.diffusion): both images of a pair at the same t, each drawn from its VAE
+posterior and noised with its own noise; here seeded by (experiment.seed, pair key), so every model and every
+run sees the same noisy latents. Ties (0.5, 0.5) are excluded; intervals are Wilson 95%
 (lpo.calibration.accuracy_ci), and a timestep is "above chance" when the lower bound exceeds 0.5 + margin.
 
 Writes (``--out``) a JSON with, per t: n, acc, lo, hi, above_chance; the highest t still above chance and
@@ -20,20 +20,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import itertools
 import json
 import logging
 import os
 import sys
-import zlib
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
 
 from lpo.calibration import accuracy_ci
 from lpo.config import Config, ConfigError, load_config
@@ -41,13 +36,11 @@ from lpo.data.loader import PairLoader
 from lpo.data.shards import ShardError
 from lpo.diffusion import ddim_timesteps
 from lpo.metrics.stats import grouped_bootstrap_ci
-from lpo.reward.lrm import LatentRewardModel, TextEncoding
+from lpo.reward.lrm import LatentRewardModel
+from lpo.reward.pairs import PairScorer, accuracy_by_t, dedupe, score_pairs
 from lpo.utils import read_json, setup_logging, write_json
 
 log = logging.getLogger("lpo.eval_lrm")
-
-# A scorer of noisy latents: (x_t (B, C, h, w), t (B,), prompts) -> scores (B,)
-ScoreFn = Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor]
 
 # Which attributes differ between the two images (pairs_meta "differ") -> the group a pair is reported in.
 ATTRIBUTE_GROUPS = ("colour", "shape", "colour+shape", "quality_only")
@@ -55,202 +48,6 @@ ATTRIBUTE_GROUPS = ("colour", "shape", "colour+shape", "quality_only")
 
 class EvalLrmError(ConfigError):
     """A user-facing input problem of eval_lrm (missing scheduler, empty split); printed as one line."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# The noise protocol and pair scoring (METHOD.md section 2), shared with train_lrm (training and validation)
-# --------------------------------------------------------------------------------------------------------
-
-
-def q_sample(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion, METHOD.md section 2 "Noising": x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM add_noise).
-
-    x0, eps: (B, ...); t: (B,) integer timesteps; alphas_cumprod: (T,) the scheduler's alpha-bar.
-    """
-    a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[t.to(x0.device)]  # (B,)
-    a = a.view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ...)
-    return (a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()).to(x0.dtype)
-
-
-def noisy_pair(
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    eps_posterior: torch.Tensor,
-    eps: torch.Tensor,
-) -> torch.Tensor:
-    """Both latents of each pair at the SAME t with INDEPENDENT noise (METHOD.md section 2).
-
-    x0 = mean + std * eps_posterior (a VAE posterior sample, as the official code's ``latent_dist.sample()``);
-    x_t = q_sample(x0, eps, t). mean, std, eps_*: (B, 2, C, h, w); t: (B,). Returns (B, 2, C, h, w).
-    """
-    x0 = mean + std * eps_posterior  # (B, 2, C, h, w)
-    b, two = x0.shape[:2]
-    flat = q_sample(x0.flatten(0, 1), eps.flatten(0, 1), t.repeat_interleave(two), alphas_cumprod)  # (2B, C, h, w)
-    return flat.view(b, two, *x0.shape[2:])
-
-
-def pair_correct(s0: torch.Tensor, s1: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct, decided), both (B,) bool: the higher score is the labelled winner; ties (0.5, 0.5) undecided.
-
-    An exact score tie counts as wrong (it picks no winner)."""
-    decided = labels[:, 0] != labels[:, 1]
-    correct = ((s0 > s1) & (labels[:, 0] > labels[:, 1])) | ((s1 > s0) & (labels[:, 1] > labels[:, 0]))
-    return correct & decided, decided
-
-
-def key_noise(seed: int, key: str, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation noise of one pair (posterior, diffusion), each (2, *shape): a pure function of (seed, key).
-
-    Independent of batch, rank and order, and the same at every t (common random numbers across the curve)."""
-    state = np.random.SeedSequence([seed, 0xE7A1, zlib.crc32(key.encode("utf-8"))]).generate_state(2, np.uint32)
-    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randn((2, *shape), generator=gen), torch.randn((2, *shape), generator=gen)
-
-
-
-
-
-def cat_encodings(parts: Sequence[TextEncoding]) -> TextEncoding:
-    """Concatenate text encodings along the batch."""
-    pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-    return TextEncoding(
-        context=torch.cat([p.context for p in parts]),  # (B, S, D)
-        text_feature=torch.cat([p.text_feature for p in parts]),  # (B, F)
-        truncated=torch.cat([p.truncated for p in parts]),  # (B,)
-        pooled=pooled,
-    )
-
-
-class PairScorer(nn.Module):
-    """forward(x_t, t, captions) -> LRM scores (B,), with the text encoding inside forward (so DDP syncs a
-    trainable text encoder). A frozen encoder's encodings are cached per caption (LRU, `cache_size`), each
-    computed alone, so a cached value never depends on which captions shared its batch (bit-identical resume).
-    Truncated captions are collected in `truncated`."""
-
-    def __init__(self, lrm: LatentRewardModel, cache_text: bool, cache_size: int = 4096) -> None:
-        super().__init__()
-        self.lrm = lrm
-        self.cache_text = cache_text
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, TextEncoding] = OrderedDict()
-        self._null: Optional[TextEncoding] = None
-        self.truncated: set[str] = set()
-
-    def _note_truncated(self, captions: Sequence[str], enc: TextEncoding) -> None:
-        for caption, cut in zip(captions, enc.truncated.tolist()):
-            if cut and caption not in self.truncated:
-                self.truncated.add(caption)
-                if len(self.truncated) <= 5:
-                    log.warning("caption longer than %d tokens, truncated: %.80r", self.lrm.text_max_length, caption)
-
-    def encode(self, captions: list[str]) -> tuple[TextEncoding, Optional[TextEncoding]]:
-        needs_null = self.lrm.vfe_scale != 1.0
-        if not self.cache_text:  # trained encoder: each distinct caption of the batch once, with gradients
-            position = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-            unique = list(position)
-            enc = self.lrm.encode_text(unique)
-            self._note_truncated(unique, enc)
-            rows = torch.tensor([position[c] for c in captions], device=enc.context.device)
-            return enc[rows], self.lrm.encode_text([""]) if needs_null else None
-        with torch.no_grad():
-            for caption in dict.fromkeys(captions):  # unique, first-seen order
-                if caption in self._cache:
-                    self._cache.move_to_end(caption)
-                    continue
-                enc = self.lrm.encode_text([caption])
-                self._note_truncated([caption], enc)
-                self._cache[caption] = enc
-                if len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-            if needs_null and self._null is None:
-                self._null = self.lrm.encode_text([""])
-            batch = cat_encodings([self._cache[c] for c in captions])
-        return batch, self._null
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        enc, null = self.encode(captions)
-        return self.lrm.score(x_t, t, enc, null)
-
-
-
-
-def chunked_batches(loader: PairLoader, size: int) -> Iterator[dict[str, Any]]:
-    """A batch_size-1 PairLoader's samples regrouped into batches of `size` (the last one may be short)."""
-    if loader.batch_size != 1:
-        raise ValueError("chunked_batches needs a PairLoader with batch_size=1 (so no sample is dropped)")
-    singles = loader.iterate(0)
-    while True:
-        group = list(itertools.islice(singles, size))
-        if not group:
-            return
-        yield {
-            "mean": torch.cat([g["mean"] for g in group]),  # (B, 2, C, h, w)
-            "std": torch.cat([g["std"] for g in group]),  # (B, 2, C, h, w)
-            "labels": torch.cat([g["labels"] for g in group]),  # (B, 2)
-            **{key: [v for g in group for v in g[key]] for key in ("captions", "keys", "prompt_keys", "meta")},
-        }
-
-
-@torch.no_grad()
-def score_pairs(
-    score_fn: ScoreFn,
-    loader: PairLoader,
-    timesteps: Sequence[int],
-    alphas_cumprod: torch.Tensor,
-    seed: int,
-    batch_size: int,
-    device: torch.device,
-    desc: str = "score",
-    show_progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Score both images of every pair of `loader` at each timestep, with the training noise protocol.
-
-    Same t for both images, independent noise (posterior and diffusion) per image from ``key_noise(seed, key)``.
-    Returns one record per pair: key, prompt_key, caption, labels [l0, l1], meta, scores [[s0, s1] per t].
-    """
-    records = []
-    bar = tqdm(total=len(loader), desc=desc, unit="pair", disable=not show_progress, mininterval=5)
-    for batch in chunked_batches(loader, batch_size):
-        b = len(batch["keys"])
-        noises = [key_noise(seed, k, batch["mean"].shape[2:]) for k in batch["keys"]]
-        eps_post = torch.stack([n[0] for n in noises]).to(device)  # (B, 2, C, h, w)
-        eps = torch.stack([n[1] for n in noises]).to(device)  # (B, 2, C, h, w)
-        mean, std = batch["mean"].to(device), batch["std"].to(device)
-        captions = batch["captions"] + batch["captions"]
-        per_t = []
-        for t in timesteps:
-            tt = torch.full((b,), int(t), dtype=torch.int64, device=device)
-            x_t = noisy_pair(mean, std, tt, alphas_cumprod, eps_post, eps)  # (B, 2, C, h, w)
-            x = torch.cat([x_t[:, 0], x_t[:, 1]])  # (2B, C, h, w): images 0 then images 1
-            s = score_fn(x, torch.cat([tt, tt]), captions).float().cpu()  # (2B,)
-            per_t.append(torch.stack([s[:b], s[b:]], dim=1))  # (B, 2)
-        scores = torch.stack(per_t, dim=1)  # (B, T, 2)
-        for i in range(b):
-            records.append({
-                "key": batch["keys"][i], "prompt_key": batch["prompt_keys"][i], "caption": batch["captions"][i],
-                "labels": batch["labels"][i].tolist(), "meta": batch["meta"][i], "scores": scores[i].tolist(),
-            })
-        bar.update(b)
-    bar.close()
-    return records
-
-
-def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per pair key (ranks that replay samples to stay in step score some pairs twice)."""
-    return list({r["key"]: r for r in records}.values())
-
-
-def accuracy_by_t(records: list[dict[str, Any]], n_t: int) -> tuple[np.ndarray, np.ndarray]:
-    """(correct (P, T) bool, decided (P,) bool) from score records; ties are undecided."""
-    scores = torch.tensor([r["scores"] for r in records], dtype=torch.float64).view(len(records), n_t, 2)  # (P, T, 2)
-    labels = torch.tensor([r["labels"] for r in records], dtype=torch.float64)  # (P, 2)
-    correct = []
-    for j in range(n_t):
-        c, decided = pair_correct(scores[:, j, 0], scores[:, j, 1], labels)
-        correct.append(c)
-    return torch.stack(correct, dim=1).numpy(), decided.numpy()
 
 
 # --------------------------------------------------------------------------------------------------------

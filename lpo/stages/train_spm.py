@@ -34,27 +34,25 @@ ignored (training starts over, with a warning).
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
-import json
 import logging
-import math
 import os
 import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from lpo.backbones import Backbone, BackboneError, PromptEmbeds, load_pipeline_folder
+from lpo.checkpoint import fingerprint as checkpoint_fingerprint
+from lpo.checkpoint import input_digest
 from lpo.config import Config, ConfigError, load_config, to_dict
 from lpo.data.loader import PairLoader
 from lpo.data.shards import ShardError
-from lpo.losses import bradley_terry_loss, per_prompt_weights
+from lpo.losses import bradley_terry_loss
 from lpo.reward.pixel import (
     SpmText,
     StepAwarePixelModel,
@@ -64,13 +62,11 @@ from lpo.reward.pixel import (
     pixel_correct_by_t,
 )
 from lpo.sampling import images_to_tensor
-from lpo.stages.train_lrm import pair_correct, step_generator
-from lpo.utils import setup_logging, training_inputs_digest, write_json
+from lpo.training.trainer import PairTrainer, StepContext, StepResult, TrainerSettings, now
+from lpo.utils import setup_logging, write_json
 
 log = logging.getLogger("lpo.train_spm")
 
-CHECKPOINT_NAME = "checkpoints/state.pt"
-CHECKPOINT_FORMAT = 1
 VAL_SEED_OFFSET = 101  # validation noise: pair_noise(experiment.seed + offset, key), fixed for the whole run
 TEXT_CACHE_SIZE = 4096  # prompt embeddings of the base model kept per caption (LRU)
 
@@ -113,9 +109,8 @@ def fingerprint(cfg: Config, world_size: int, latents_dir: Path, base_dir: Path)
     """What a checkpoint must match to be resumed: the train_spm section, the seed, the world size and the
     inputs' content (latent shards, base model); ``steps`` excluded, so a finished run can be extended."""
     section = {k: v for k, v in to_dict(cfg.train_spm).items() if k not in ("steps", "eval_every", "checkpoint_every")}
-    doc = json.dumps({"train_spm": section, "seed": cfg.experiment.seed, "world": world_size,
-                      "inputs": training_inputs_digest(latents_dir, base_dir)}, sort_keys=True)
-    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+    return checkpoint_fingerprint({"train_spm": section, "seed": cfg.experiment.seed, "world": world_size},
+                                  [input_digest(latents_dir, base_dir)])
 
 
 class PromptCache:
@@ -158,14 +153,6 @@ def _text_parameters(spm: StepAwarePixelModel) -> list[torch.nn.Parameter]:
     if spm.kind == "small":
         return list(spm.text_encoder.parameters())
     return list(spm.clip.text_model.parameters())
-
-
-def _batch_stream(loader: PairLoader, start_step: int) -> Iterator[dict[str, Any]]:
-    """Batches from global step `start_step` on, epoch after epoch (the position is a function of the step)."""
-    epoch, batch = divmod(start_step, loader.batches_per_rank)
-    while True:
-        yield from loader.iterate(epoch, start_batch=batch)
-        epoch, batch = epoch + 1, 0
 
 
 def _mean(values: list[float]) -> Optional[float]:
@@ -265,36 +252,6 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
     log.info("SPM kind %s: %d trainable parameters; base %s; %d process(es) on %s", spm.kind, n_params, base_dir,
              world, device)
 
-    # ---- resume ------------------------------------------------------------------------------------------
-    ckpt = out_dir / CHECKPOINT_NAME
-    fp = fingerprint(cfg, world, latents_dir, base_dir)
-    step, best, history = 0, {"metric": -math.inf, "step": None, "state": None, "acc_by_t": None}, []
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.is_file() else None
-    if saved is not None and (saved.get("format") != CHECKPOINT_FORMAT or saved.get("fingerprint") != fp):
-        # Snakemake re-runs this rule when its config section or an input changed: resuming would skip training.
-        log.warning("%s: checkpoint of another train_spm config, seed, number of processes or input data; "
-                    "starting over", ckpt)
-        saved = None
-    if saved is not None:
-        _load_trainable(spm, saved["trainable"], ckpt)
-        optimizer.load_state_dict(saved["optimizer"])
-        step, best, history = int(saved["step"]), saved["best"], saved["history"]
-        log.info("resumed from %s at step %d", ckpt, step)
-
-    log_path = out_dir / "train_log.jsonl"
-    writer = None
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(log_path, step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step)
-
-    def log_record(record: dict[str, Any]) -> None:
-        if is_main:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
     def validate() -> dict[str, Any]:
         spm.eval()
         local = pixel_correct_by_t(spm, bb, val_loader, c.eval_timesteps, seed + VAL_SEED_OFFSET, c.cfg,
@@ -309,28 +266,8 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
         return {"acc_by_t": {str(t): a for t, a in acc.items()}, "metric": float(np.nanmean(list(acc.values()))),
                 "n": n}
 
-    def save_state() -> None:
-        if is_main:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_name(f".{ckpt.name}.tmp-{os.getpid()}")
-            torch.save({"format": CHECKPOINT_FORMAT, "fingerprint": fp, "step": step,
-                        "trainable": _trainable_state(spm), "optimizer": optimizer.state_dict(),
-                        "best": best, "history": history}, tmp)
-            os.replace(tmp, ckpt)  # never half a checkpoint
-        accelerator.wait_for_everyone()
-
-    # ---- CLIP warm start (shapes, optional), then the training loop -------------------------------------
-    warm: Optional[dict[str, Any]] = None
-    if warm_start and step == 0:  # a resumed run has the warm-started weights in its checkpoint
-        warm = clip_warm_start(spm, Path(world_dir) / "corpus.npz", cfg, device, log_record)
-    spm.train()
-    seconds: dict[str, list[float]] = {"unet": [], "decode": [], "score": [], "step": []}
-    batches = _batch_stream(train_loader, step)
-    bar = tqdm(total=c.steps, initial=step, desc="train_spm", disable=not is_main, mininterval=5)
-    while step < c.steps:
-        start = _now(device)
-        batch = next(batches)
-        gen = step_generator(seed, step, rank)
+    def step_fn(batch: dict[str, Any], gen: torch.Generator, w: torch.Tensor) -> StepResult:
+        """METHOD.md section 5: posterior sample, shared noise at t ~ U{0..t_max-1}, one CFG step, decode, SPM."""
         b = len(batch["keys"])
         eps_post = torch.randn(batch["mean"].shape, generator=gen)  # (B, 2, C, h, w)
         t = torch.randint(0, c.t_max, (b,), generator=gen)  # (B,)
@@ -339,69 +276,58 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
         t, noise, labels = t.to(device), noise.to(device), batch["labels"].to(device)
         cond = prompts.cond(batch["captions"])
         x0_hat = one_step_x0_hat(bb, x0, t, noise, cond, uncond, c.cfg)  # (B, 2, C, h, w)
-        after_unet = _now(device)
+        after_unet = now(device)
         with torch.no_grad():
             images = decode_latents(bb.vae, x0_hat.flatten(0, 1))  # (2B, 3, H, W): pair-major
-        after_decode = _now(device)
+        after_decode = now(device)
         text = prompts.spm_text(batch["captions"])
         text2 = text.repeat_interleave(2) if isinstance(text, SpmText) else [p for p in text for _ in range(2)]
         scores = model(images, t.repeat_interleave(2), text2).view(b, 2)  # (B, 2)
-        weights = per_prompt_weights(batch["prompt_keys"]).to(device)
-        loss = bradley_terry_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights)
-        if not torch.isfinite(loss):
-            raise TrainSpmError(f"non-finite loss at step {step + 1}; lower train_spm.lr or check {latents_dir}")
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(params, c.grad_clip) if c.grad_clip > 0 else None
-        optimizer.step()
-        step += 1
-        end = _now(device)
-        correct, decided = pair_correct(scores[:, 0].detach(), scores[:, 1].detach(), labels)
-        totals = accelerator.reduce(torch.stack([loss.detach().float(), correct.float().sum(),
-                                                 decided.float().sum()]), reduction="sum")
-        for key, value in (("unet", after_unet - start), ("decode", after_decode - after_unet),
-                           ("score", end - after_decode), ("step", end - start)):
+        loss = bradley_terry_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], w)
+        return StepResult(loss, scores[:, 0], scores[:, 1], labels,
+                          {"t_mean": float(t.float().mean()), "after_unet": after_unet, "after_decode": after_decode})
+
+    seconds: dict[str, list[float]] = {"unet": [], "decode": [], "score": [], "step": []}
+
+    def describe(ctx: StepContext) -> dict[str, Any]:
+        after_unet, after_decode = ctx.out.extra["after_unet"], ctx.out.extra["after_decode"]
+        phases = {"unet": after_unet - ctx.start, "decode": after_decode - after_unet,
+                  "score": ctx.end - after_decode}
+        for key, value in (*phases.items(), ("step", ctx.end - ctx.start)):
             seconds[key].append(value)
-        record = {"step": step, "loss": float(totals[0]) / world,
-                  "train_acc": float(totals[1] / totals[2]) if totals[2] > 0 else None,
-                  "t_mean": float(t.float().mean()), "logit_scale": float(spm.logit_scale_param.detach()),
-                  "grad_norm": None if grad_norm is None else float(grad_norm),
-                  "seconds": {"unet": after_unet - start, "decode": after_decode - after_unet,
-                              "score": end - after_decode}}
-        log_record(record)
-        if writer is not None:
-            for key in ("loss", "train_acc", "logit_scale", "grad_norm"):
-                if record[key] is not None:
-                    writer.add_scalar(f"train/{key}", record[key], step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        if step % c.eval_every == 0 or step == c.steps:
-            result = validate()
-            if result["metric"] > best["metric"]:
-                best = {"metric": result["metric"], "step": step, "state": _trainable_state(spm),
-                        "acc_by_t": result["acc_by_t"]}
-            entry = {"event": "validation", "step": step, **result, "best_step": best["step"],
-                     "best_metric": best["metric"]}
-            history.append(entry)
-            log_record(entry)
-            if writer is not None:
-                for t_key, acc in result["acc_by_t"].items():
-                    writer.add_scalar(f"val/acc_t{t_key}", acc, step)
-                writer.add_scalar("val/metric", result["metric"], step)
-            log.info("step %d: val accuracy %s (mean %.3f); best %.3f at step %s", step,
-                     {k: round(v, 3) for k, v in result["acc_by_t"].items()}, result["metric"], best["metric"],
-                     best["step"])
-        if step % c.checkpoint_every == 0 or step == c.steps:
-            save_state()
-    bar.close()
-    batches.close()
+        return {"step": ctx.step, "loss": ctx.loss, "train_acc": ctx.train_acc, "t_mean": ctx.out.extra["t_mean"],
+                "logit_scale": float(spm.logit_scale_param.detach()), "grad_norm": ctx.grad_norm,
+                "seconds": phases}
+
+    info = {"base": str(base_dir), "latents": str(latents_dir), "train_spm": to_dict(c)}
+
+    def save_best(path: Path, step: int, metric: float) -> None:
+        spm.save_pretrained(path, info={"base": info["base"], "latents": info["latents"], "best_step": step,
+                                        "best_metric": metric, "train_spm": info["train_spm"]})
+
+    settings = TrainerSettings(name="train_spm", steps=c.steps, eval_every=c.eval_every,
+                               checkpoint_every=c.checkpoint_every, seed=seed, grad_clip=c.grad_clip,
+                               hint="Lower train_spm.lr")
+    trainer = PairTrainer(accelerator, settings, out_dir, train_loader, spm, optimizer, params,
+                          fingerprint(cfg, world, latents_dir, base_dir), TrainSpmError, step_fn=step_fn,
+                          validate_fn=validate, save_best=save_best, describe=describe,
+                          data_desc=str(latents_dir))
+    trainer.resume()
+
+    # ---- CLIP warm start (shapes, optional), then the training loop -------------------------------------
+    warm: Optional[dict[str, Any]] = None
+    if warm_start and trainer.state.step == 0:  # a resumed run has the warm-started weights in its checkpoint
+        warm = clip_warm_start(spm, Path(world_dir) / "corpus.npz", cfg, device, trainer.log_record)
+    spm.train()
+    state = trainer.fit()
 
     # ---- outputs -----------------------------------------------------------------------------------------
     per_step = {k: _mean(v) for k, v in seconds.items()}
     summary = {
-        "kind": spm.kind, "clip_warm_start": warm, "steps": step, "best_step": best["step"],
-        "best_metric": best["metric"],
-        "best_acc_by_t": best["acc_by_t"], "eval_timesteps": list(c.eval_timesteps), "validations": history,
+        "kind": spm.kind, "clip_warm_start": warm, "steps": state.step, "best_step": state.best_step,
+        "best_metric": state.best_metric,
+        "best_acc_by_t": state.best_acc_by_t, "eval_timesteps": list(c.eval_timesteps),
+        "validations": state.history,
         "world_size": world, "global_batch": c.batch_size * world, "trainable_parameters": n_params,
         "device": str(device), "threads": torch.get_num_threads(), "train_pairs": train_loader.index["n_samples"],
         "cost": {
@@ -414,48 +340,14 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
         },
     }
     if is_main:
-        final = copy.deepcopy(spm).cpu()
-        if best["state"] is not None:
-            _load_trainable(final, best["state"], ckpt)
-        final.save_pretrained(out_dir / "model", info={"base": str(base_dir), "latents": str(latents_dir),
-                                                       "best_step": best["step"], "best_metric": best["metric"],
-                                                       "train_spm": to_dict(c)})
+        with trainer.export_best(out_dir / "model"):
+            pass
         write_json(out_dir / "summary.json", summary)
-        writer.close()
-        log.info("best SPM: step %s, mean val accuracy %.3f -> %s", best["step"], best["metric"], out_dir / "model")
+        log.info("best SPM: step %s, mean val accuracy %.3f -> %s", state.best_step, state.best_metric,
+                 out_dir / "model")
+    trainer.close()
     accelerator.wait_for_everyone()
     return summary
-
-
-def _trainable_state(spm: StepAwarePixelModel) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in spm.named_parameters() if p.requires_grad}
-
-
-def _load_trainable(spm: StepAwarePixelModel, state: dict[str, torch.Tensor], where: Path) -> None:
-    params = {name: p for name, p in spm.named_parameters() if p.requires_grad}
-    if set(params) != set(state):
-        raise TrainSpmError(f"{where}: weights do not match the SPM (missing {sorted(set(params) - set(state))[:3]}, "
-                            f"extra {sorted(set(state) - set(params))[:3]}); delete the checkpoints folder")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name].to(device=p.device, dtype=p.dtype))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records after `step` (a resumed run rewrites them); at step 0 (a fresh start) all of them."""
-    if not path.is_file():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

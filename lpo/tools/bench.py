@@ -1,4 +1,4 @@
-"""Stage `bench`: what a sampling step and an LRM training step cost, LPO vs SPO, measured side by side.
+"""Tool `bench`: what a sampling step and an LRM training step cost, LPO vs SPO, measured side by side.
 
 Issue #8 item 6; METHOD.md section 4 (Tab. 5: one sampling step with K = 4 on an A100, SPO 0.243 s vs LPO
 0.039 s, ~6x) and section 5 (SPO's scorer). Timed on the real code paths, with random weights (the cost
@@ -9,9 +9,9 @@ of a forward does not depend on the values):
   the LoRA policy, then the LRM on all B x K children in one batch) and ``lpo.methods.spo.SpoScorer`` (plus,
   per child, a CFG U-Net pass at the child's timestep, a VAE decode of its x0-hat and the step-aware pixel
   model). Calls and rows through each model are counted with forward hooks on the models themselves.
-- ``lrm_train_step_latents`` / ``lrm_train_step_on_the_fly``: the body of ``train_lrm``'s training loop
-  (posterior sample + noising with ``noisy_pair``, ``PairScorer``, Bradley-Terry with per-prompt weights,
-  backward, gradient clip, AdamW) from a batch of stored posterior latents, vs the same step after decoding
+- ``lrm_train_step_latents`` / ``lrm_train_step_on_the_fly``: ``train_lrm``'s training step,
+  ``lpo.training.lrm.LrmStep`` (posterior sample + noising with ``noisy_pair``, ``PairScorer``, Bradley-Terry
+  with per-prompt weights), then backward, gradient clip, AdamW as lpo.training.trainer does them from a batch of stored posterior latents, vs the same step after decoding
   the pair's JPEGs, ``image_to_array`` and ``encode_posterior`` (the latents stage's functions) on the fly.
   The JPEGs are made at the model's resolution, so no resize is timed (real Pick-a-Pic images need one).
 - ``loader``: ``lpo.data.loader.PairLoader`` over shards written by ``lpo.data.shards.write_shards`` into
@@ -78,15 +78,16 @@ from lpo.config import Config, ConfigError, load_config
 from lpo.data.loader import PairLoader
 from lpo.data.shards import write_shards
 from lpo.diffusion import ddim_timesteps
-from lpo.losses import bradley_terry_loss, per_prompt_weights
+from lpo.losses import per_prompt_weights
 from lpo.methods.lpo import LrmScorer, StepPlan, branching_rollout
 from lpo.methods.spo import SpoCost, SpoScorer
 from lpo.policy import WEIGHT_DTYPES, build_policy
 from lpo.reward.lrm import LatentRewardModel
 from lpo.reward.pixel import StepAwarePixelModel
-from lpo.stages.eval_lrm import PairScorer, noisy_pair
+from lpo.reward.pairs import PairScorer
 from lpo.stages.latents import encode_posterior, image_to_array, prompt_key
-from lpo.stages.train_lrm import candidate_timesteps, local_loss_scale, sample_timesteps, timestep_weights
+from lpo.training.lrm import LrmStep, candidate_timesteps, set_frozen_eval, timestep_weights
+from lpo.training.trainer import local_loss_scale
 from lpo.utils import setup_logging, write_json
 
 log = logging.getLogger("lpo.bench")
@@ -483,33 +484,28 @@ def bench_lrm_training(size: str, cfg: Config, opts: BenchOptions, device: torch
                                    {"params": groups["heads"], "lr": c.head_lr}], weight_decay=c.weight_decay)
     params = groups["backbone"] + groups["heads"]
     lrm.train()
-    if not cfg.lrm.train_text_encoder:  # as train_lrm: a frozen encoder stays in eval mode
-        for encoder in lrm.text_encoders():
-            encoder.eval()
+    set_frozen_eval(lrm, cfg.lrm.train_text_encoder)  # as train_lrm: a frozen encoder stays in eval mode
 
     b = opts.train_batch
     rng = np.random.default_rng(opts.seed)
     captions = _prompts(b)
     batch = {"mean": torch.randn((b, 2, *latent_shape)), "std": torch.full((b, 2, *latent_shape), 0.05),
              "labels": torch.tensor([[1.0, 0.0]] * b), "captions": captions,
-             "prompt_keys": [prompt_key(p) for p in captions]}
+             "prompt_keys": [prompt_key(p) for p in captions], "keys": [f"bench-{i}" for i in range(b)]}
     jpegs = [_jpeg(resolution, rng) for _ in range(2 * b)]  # image_0 of every pair, then image_1
     candidates = candidate_timesteps(c.timesteps, grid, num_train)
     weights = timestep_weights(candidates, num_train, c.high_t_weight)
     generator = torch.Generator().manual_seed(opts.seed)
 
+    step = LrmStep(scorer, candidates, weights, alphas, device)
+
     def train_step(mean: torch.Tensor, std: torch.Tensor) -> float:
-        """The loop body of lpo.stages.train_lrm.run on one process (no gather, no logging)."""
-        t = sample_timesteps(b, candidates, weights, generator)  # (B,)
-        eps_post = torch.randn(mean.shape, generator=generator)  # (B, 2, C, h, w)
-        eps = torch.randn(mean.shape, generator=generator)
-        mean, std, labels = mean.to(device), std.to(device), batch["labels"].to(device)
-        t, eps_post, eps = t.to(device), eps_post.to(device), eps.to(device)
+        """One step of lpo.stages.train_lrm on one process: its step function (LrmStep), the weighted loss,
+        backward, clip, AdamW (no gather, no logging)."""
         with _autocast(device, dtype):
-            x_t = noisy_pair(mean, std, t, alphas, eps_post, eps)  # (B, 2, C, h, w)
-            scores = scorer(torch.cat([x_t[:, 0], x_t[:, 1]]), torch.cat([t, t]), batch["captions"] * 2)  # (2B,)
             w = per_prompt_weights(batch["prompt_keys"]).to(device)
-            loss = bradley_terry_loss(scores[:b], scores[b:], labels[:, 0], labels[:, 1], w) * local_loss_scale(w, 1)
+            out = step({**batch, "mean": mean, "std": std}, generator, w)
+            loss = out.loss * local_loss_scale(w, 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:

@@ -1,0 +1,1 @@
+"""Training procedures (layer 3): the pair-trainer scaffold (``trainer``) and the LRM's step (``lrm``)."""
