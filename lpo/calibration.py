@@ -1,7 +1,7 @@
 """Pure functions of the ``calibrate`` stage: per-timestep pair thresholds and accuracy intervals.
 
 Two ways to get th(t), the minimum ``pair_gap`` = p_w - p_l = tanh((S_w - S_l)/2) for a pair of children
-to be kept (METHOD.md §3 step 2d):
+to be kept (docs/method.md §3 step 2d):
 - "sigma": the paper's rule, linear in the DDIM sigma of the step (``sigma_thresholds``, Eq. 11);
 - "rollout": measured, the smallest gap at which the LRM's best/worst choice agrees with a judge often
   enough (``rollout_threshold``), with ``accuracy_ci`` / ``above_chance`` to gate untrustworthy timesteps.
@@ -43,7 +43,7 @@ __all__ = [
 
 
 def sigma_thresholds(sigmas: torch.Tensor, th_min: float, th_max: float) -> torch.Tensor:
-    """Dynamic threshold linear in sigma, METHOD.md §3 (paper Eq. 11, compare_funcs.py "sigma").
+    """Dynamic threshold linear in sigma, docs/method.md §3 (paper Eq. 11, compare_funcs.py "sigma").
 
     th(t) = th_min + (sigma_t - sigma_min) / (sigma_max - sigma_min) * (th_max - th_min),
     sigma_min / sigma_max = the extremes of the given table (``lpo.diffusion.ddim_sigmas``).
@@ -94,7 +94,7 @@ def threshold_at(table_timesteps: torch.Tensor, thresholds: torch.Tensor, t: tor
 
 
 def score_gap_for_threshold(th: float) -> float:
-    """Score difference S_w - S_l at which pair_gap = th: 2 artanh(th) (METHOD.md §3 step 2d)."""
+    """Score difference S_w - S_l at which pair_gap = th: 2 artanh(th) (docs/method.md §3 step 2d)."""
     if not 0.0 <= th < 1.0:
         raise ValueError(f"th must be in [0, 1), got {th}")
     return 2.0 * math.atanh(th)

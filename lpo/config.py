@@ -148,7 +148,7 @@ class DownloadConfig:
 
 @dataclass(frozen=True)
 class MpcfConfig:
-    strategy: Literal["none", "1", "2", "3"] = _f("2", "MPCF strategy of METHOD.md section 2 (2 is the paper's).")
+    strategy: Literal["none", "1", "2", "3"] = _f("2", "MPCF strategy of docs/method.md section 2 (2 is the paper's).")
     keep_ties: bool = _f(True, "Keep tie pairs (every split; on train they must also pass the MPCF tie rule).")
 
 
@@ -295,7 +295,7 @@ class GrpoMethodConfig:
     logprob: Literal["sum", "mean"] = _f(
         "sum",
         "Reduction of the step log-density over latent elements. 'sum' is the exact Gaussian log-density; its "
-        "gradient is about as large as LPO's beta-500 loss on a mean (docs/method.md section 7). 'mean' as "
+        "gradient is about as large as LPO's beta-500 loss on a mean (docs/method.md section 9). 'mean' as "
         "DDPO/Flow-GRPO.",
     )
     std_floor: float = _f(1e-6, "Groups whose reward std is at most this are not kept (all advantages 0).")
@@ -335,17 +335,35 @@ class OptimizeConfig:
     grpo: GrpoMethodConfig = _f(GrpoMethodConfig(), "Step-level GRPO with the LRM (lpo.methods.grpo).")
 
 
-# Flat keys of earlier versions -> their place now: an old config gets an error that names the new key.
-MOVED_KEYS = {
-    "optimize.beta": "optimize.lpo.beta",
-    "optimize.clip_eps": "optimize.lpo.clip_eps (and optimize.spo.clip_eps)",
-    "optimize.lrm_timestep": "optimize.lpo.lrm_timestep",
-    "optimize.spo_beta": "optimize.spo.beta",
-    "optimize.spo_threshold": "optimize.spo.threshold",
-    "optimize.spo_t_max": "optimize.spo.t_max",
-    "optimize.dpo_beta": "optimize.dpo.beta",
-    "optimize.dpo_batch_size": "optimize.dpo.batch_size",
+# Flat keys of earlier versions -> their places now: an old config gets an error that names the new key, and
+# `python -m lpo.config --migrate OLD.yaml` rewrites it.
+MOVED_KEYS: dict[str, tuple[str, ...]] = {
+    "optimize.beta": ("optimize.lpo.beta",),
+    "optimize.clip_eps": ("optimize.lpo.clip_eps", "optimize.spo.clip_eps"),
+    "optimize.lrm_timestep": ("optimize.lpo.lrm_timestep",),
+    "optimize.spo_beta": ("optimize.spo.beta",),
+    "optimize.spo_threshold": ("optimize.spo.threshold",),
+    "optimize.spo_t_max": ("optimize.spo.t_max",),
+    "optimize.dpo_beta": ("optimize.dpo.beta",),
+    "optimize.dpo_batch_size": ("optimize.dpo.batch_size",),
 }
+
+
+def migrate(data: dict) -> dict:
+    """A copy of a config mapping with the MOVED_KEYS of earlier versions moved to their places now."""
+    out = json.loads(json.dumps(data))
+    for old, news in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if key not in out.get(section, {}):
+            continue
+        value = out[section].pop(key)
+        for new in news:
+            node = out
+            *parents, leaf = new.split(".")
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[leaf] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -518,7 +536,8 @@ def _build(cls: type, data: dict, path: str, source: str) -> Any:
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
         if key in MOVED_KEYS:
-            raise ConfigError(f"{source}: {key}: this key moved to {MOVED_KEYS[key]}")
+            raise ConfigError(f"{source}: {key}: this key moved to {' and '.join(MOVED_KEYS[key])} "
+                              "(python -m lpo.config --migrate FILE rewrites an old config)")
         raise ConfigError(f"{source}: {key}: unknown key (allowed here: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
@@ -528,6 +547,14 @@ def _build(cls: type, data: dict, path: str, source: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             raise ConfigError(f"{source}: {sub}: required key is missing")
     return cls(**kwargs)
+
+
+def check_minimums(section: str, values: Any, minimums: dict[str, float]) -> None:
+    """A ConfigError naming `section.key` for the first field of `values` below its minimum."""
+    for key, low in minimums.items():
+        value = getattr(values, key)
+        if value < low:
+            raise ConfigError(f"{section}.{key}: must be >= {low}, got {value}")
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -649,7 +676,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lpo.config", description=__doc__.splitlines()[0])
     parser.add_argument("--write-schema", action="store_true", help="rewrite workflow/schemas/config.schema.yaml")
     parser.add_argument("--check", nargs="*", default=[], metavar="YAML", help="validate config files (merged)")
+    parser.add_argument("--migrate", metavar="YAML", help="print the file with the keys of earlier versions moved")
     args = parser.parse_args(argv)
+    if args.migrate:
+        try:
+            print(yaml.safe_dump(migrate(read_yaml(args.migrate)), sort_keys=False), end="")
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
     if args.write_schema:
         SCHEMA_PATH.write_text(schema_yaml())
         print(f"wrote {SCHEMA_PATH}")

@@ -1,4 +1,4 @@
-"""DDIM sampling math for step-level preference optimisation (METHOD.md §3).
+"""DDIM sampling math for step-level preference optimisation (docs/method.md §3).
 
 Pure functions over a diffusers ``UNet2DConditionModel`` and ``DDIMScheduler``: the DDIM timestep grid,
 one batched classifier-free-guidance U-Net pass, the DDIM step split into its Gaussian mean and standard
@@ -82,7 +82,7 @@ def ddim_timesteps(scheduler: DDIMScheduler, num_steps: int) -> tuple[torch.Tens
 
 
 def ddim_sigma(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> torch.Tensor:
-    """DDIM standard deviation, METHOD.md §3 step 2a (DDIM paper Eq. 16).
+    """DDIM standard deviation, docs/method.md §3 step 2a (DDIM paper Eq. 16).
 
     sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev), with a = alpha-bar (cumulative).
     """
@@ -119,7 +119,7 @@ def alphas_at(scheduler: DDIMScheduler, t: torch.Tensor, t_prev: torch.Tensor) -
 
 
 def ddim_sigmas(scheduler: DDIMScheduler, num_steps: int, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigma_t of every step of the DDIM grid (METHOD.md §3, the table of the threshold rule).
+    """sigma_t of every step of the DDIM grid (docs/method.md §3, the table of the threshold rule).
 
     The sigma listed at timestep t is the standard deviation of the step *from* t to the next grid point
     (``ddim_timesteps``), i.e. the noise of the children that LPO samples from a parent at t; at the last
@@ -160,7 +160,7 @@ def cfg_noise_pred(
     added_cond: Optional[dict[str, torch.Tensor]] = None,
     added_uncond: Optional[dict[str, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Classifier-free-guided model output from ONE batched U-Net pass (METHOD.md §3 step 2a).
+    """Classifier-free-guided model output from ONE batched U-Net pass (docs/method.md §3 step 2a).
 
     out = out_uncond + guidance_scale * (out_cond - out_uncond), with the U-Net run once on the batch
     [uncond; cond] of size 2B. With guidance_scale == 1 the combination equals out_cond, so only the cond
@@ -223,7 +223,7 @@ def cfg_noise_pred(
 
 @dataclass(frozen=True)
 class StepSplit:
-    """One DDIM step from x_t, before its noise is drawn (METHOD.md §3 step 2a).
+    """One DDIM step from x_t, before its noise is drawn (docs/method.md §3 step 2a).
 
     x0_hat, eps_hat, mean: (B, C, h, w); sigma: (B,) per-sample standard deviation of x_{t-1}.
     """
@@ -264,7 +264,7 @@ def ddim_step_split(
     scheduler: DDIMScheduler,
     eta: float,
 ) -> StepSplit:
-    """x0-hat, eps-hat, mean and sigma of p(x_{t_prev} | x_t), METHOD.md §3 step 2a.
+    """x0-hat, eps-hat, mean and sigma of p(x_{t_prev} | x_t), docs/method.md §3 step 2a.
 
     mean  = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat
     sigma = eta sqrt((1 - a_prev)/(1 - a_t)) sqrt(1 - a_t/a_prev)
@@ -313,7 +313,7 @@ def ddim_step_split(
 
 
 def sample_children(split: StepSplit, num_children: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """K children of each parent: x_{t-1}^k = mean + sigma eps_k, eps_k ~ N(0, I) (METHOD.md §3 step 2b).
+    """K children of each parent: x_{t-1}^k = mean + sigma eps_k, eps_k ~ N(0, I) (docs/method.md §3 step 2b).
 
     The noise is drawn on the generator's device (CPU generators work for CUDA tensors) and moved.
 
@@ -333,7 +333,7 @@ def sample_children(split: StepSplit, num_children: int, generator: Optional[tor
 
 
 def step_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Gaussian log-density of x_prev under N(mean, sigma^2 I), MEAN over elements (METHOD.md §3 step 4).
+    """Gaussian log-density of x_prev under N(mean, sigma^2 I), MEAN over elements (docs/method.md §3 step 4).
 
     log p = mean_elements[ -(x_prev - mean)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi) ], as
     SPO's ``ddim_with_logprob.py`` / LPO's loss (the mean, not the sum, sets the scale that beta = 500
@@ -365,7 +365,7 @@ def step_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Noising: the reward models' pair protocol (METHOD.md section 2), shared by train_lrm, eval_lrm and bench
+# Noising: the reward models' pair protocol (docs/method.md section 2), shared by train_lrm, eval_lrm and bench
 # --------------------------------------------------------------------------------------------------------
 
 import zlib  # noqa: E402
@@ -375,7 +375,7 @@ import numpy as np  # noqa: E402
 
 
 def q_sample(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion, METHOD.md section 2 "Noising": x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM add_noise).
+    """Forward diffusion, docs/method.md section 2 "Noising": x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM add_noise).
 
     x0, eps: (B, ...); t: (B,) integer timesteps; alphas_cumprod: (T,) the scheduler's alpha-bar.
     """
@@ -392,7 +392,7 @@ def noisy_pair(
     eps_posterior: torch.Tensor,
     eps: torch.Tensor,
 ) -> torch.Tensor:
-    """Both latents of each pair at the SAME t with INDEPENDENT noise (METHOD.md section 2).
+    """Both latents of each pair at the SAME t with INDEPENDENT noise (docs/method.md section 2).
 
     x0 = mean + std * eps_posterior (a VAE posterior sample, as the official code's ``latent_dist.sample()``);
     x_t = q_sample(x0, eps, t). mean, std, eps_*: (B, 2, C, h, w); t: (B,). Returns (B, 2, C, h, w).

@@ -1,6 +1,6 @@
 """Losses: the LRM's Bradley-Terry loss, the step-level DPO loss (LPO, SPO), step-level GRPO and Diffusion-DPO.
 
-Pure functions on per-sample tensors; each docstring names its METHOD.md section. The stats dicts hold
+Pure functions on per-sample tensors; each docstring names its docs/method.md section. The stats dicts hold
 detached 0-d tensors (no host sync), ready for ``accelerator.reduce`` or ``.item()`` by the caller.
 """
 
@@ -36,7 +36,7 @@ def _check_same_1d(name_shapes: Mapping[str, torch.Tensor]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
-# LRM training (METHOD.md §2)
+# LRM training (docs/method.md §2)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -47,7 +47,7 @@ def bradley_terry_loss(
     label_1: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Bradley-Terry / PickScore pair loss of the LRM, METHOD.md §2 ("Loss").
+    """Bradley-Terry / PickScore pair loss of the LRM, docs/method.md §2 ("Loss").
 
     L_i = -sum_k y_k log softmax([s0, s1])_k + sum_k y_k log y_k,   L = sum_i w_i L_i / sum_i w_i
     The second term is the official code's "+ log 0.5 if tie" (step_clip_criterion.py): zero for strict
@@ -77,7 +77,7 @@ def bradley_terry_loss(
 
 
 def per_prompt_weights(prompt_keys: Sequence[str], counts: Optional[Mapping[str, int]] = None) -> torch.Tensor:
-    """PickScore-style per-prompt reweighting, METHOD.md §2: w_i = (1/n_i) / sum_j (1/n_j).
+    """PickScore-style per-prompt reweighting, docs/method.md §2: w_i = (1/n_i) / sum_j (1/n_j).
 
     n_i = number of pairs with the prompt of pair i: counted within ``prompt_keys`` (e.g. a gathered batch),
     or looked up in ``counts`` (dataset-wide counts, as the official ``num_examples_per_prompt`` column).
@@ -101,15 +101,15 @@ def per_prompt_weights(prompt_keys: Sequence[str], counts: Optional[Mapping[str,
 
 
 # --------------------------------------------------------------------------------------------------------
-# LPO (METHOD.md §3)
+# LPO (docs/method.md §3)
 # --------------------------------------------------------------------------------------------------------
 
 
 def pair_gap(s_w: torch.Tensor, s_l: torch.Tensor) -> torch.Tensor:
-    """p_w - p_l of softmax([s_w, s_l]) = tanh((s_w - s_l) / 2), METHOD.md §3 step 2d.
+    """p_w - p_l of softmax([s_w, s_l]) = tanh((s_w - s_l) / 2), docs/method.md §3 step 2d.
 
     The official validity test (compare_funcs.py) is pair_gap > th(t), with p the softmax over the best
-    and worst child only (not over all K: LPO-PROTOTYPE.md, trap 1).
+    and worst child only (not over all K: docs/prototype.md, trap 1).
     """
     return torch.tanh((s_w - s_l) / 2)
 
@@ -122,7 +122,7 @@ def step_dpo_loss(
     beta: float,
     clip_eps: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Step-level DPO loss with clipped ratios (SPO's "Eqn. 6", which LPO adopts), METHOD.md §3 step 4.
+    """Step-level DPO loss with clipped ratios (SPO's "Eqn. 6", which LPO adopts), docs/method.md §3 step 4.
 
     log r = clamp(log p_theta - log p_ref, log(1 - eps), log(1 + eps))   (= log of the clipped ratio)
     L = mean_i -log sigmoid(beta (log r_w - log r_l))
@@ -247,12 +247,12 @@ def grpo_loss(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Diffusion-DPO baseline (METHOD.md §5)
+# Diffusion-DPO baseline (docs/method.md §5)
 # --------------------------------------------------------------------------------------------------------
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||target - pred||^2 averaged over all but the batch dimension: (B, ...) -> (B,) (METHOD.md §5)."""
+    """||target - pred||^2 averaged over all but the batch dimension: (B, ...) -> (B,) (docs/method.md §5)."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     return (pred - target).pow(2).flatten(1).mean(dim=1)
@@ -265,7 +265,7 @@ def diffusion_dpo_loss(
     ref_err_l: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO loss, METHOD.md §5 (SalesforceAIResearch/DiffusionDPO:train.py).
+    """Diffusion-DPO loss, docs/method.md §5 (SalesforceAIResearch/DiffusionDPO:train.py).
 
     inside = -beta/2 ((err_w - err_l) - (ref_w - ref_l)),   L = mean_i -log sigmoid(inside)
     with err = per-sample MSE of the epsilon prediction (``per_sample_mse``), the same noise and t for

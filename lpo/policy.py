@@ -1,8 +1,8 @@
 """The trained policy of preference optimisation: the base U-Net with LoRA adapters (or fully fine-tuned).
 
-METHOD.md section 3 ("fine-tune", "Reference"): the policy is the base U-Net plus LoRA adapters through peft
+docs/method.md section 3 ("fine-tune", "Reference"): the policy is the base U-Net plus LoRA adapters through peft
 (``unet.add_adapter(LoraConfig(r, lora_alpha, init_lora_weights="gaussian", target_modules))`` after
-``unet.requires_grad_(False)``, LPO-PROTOTYPE.md). The reference model is the SAME U-Net with its adapters
+``unet.requires_grad_(False)``, docs/prototype.md). The reference model is the SAME U-Net with its adapters
 disabled, so no second copy of the weights exists (the official code deep-copies the U-Net; diffusers' DPO
 example showed the adapter switch). Only full fine-tuning (``optimize.full_finetune``) needs a frozen copy of
 the initial U-Net as the reference, which costs one more U-Net in memory.

@@ -74,7 +74,7 @@ def best_worst_stats(lrm_scores: np.ndarray, rewards: np.ndarray, threshold: flo
     """LPO's pair (argmax / argmin of the LRM): judge non-tie share and agreement, all and kept (gap > th)."""
     rows = np.arange(lrm_scores.shape[0])
     w, l = lrm_scores.argmax(1), lrm_scores.argmin(1)
-    gap = np.tanh((lrm_scores[rows, w] - lrm_scores[rows, l]) / 2)  # METHOD.md section 3 step 2d
+    gap = np.tanh((lrm_scores[rows, w] - lrm_scores[rows, l]) / 2)  # docs/method.md section 3 step 2d
     dr = rewards[rows, w] - rewards[rows, l]
     nontie = np.abs(dr) >= tie_margin
 

@@ -64,7 +64,7 @@ def _main_error(tmp_path, capsys, argv: list[str]) -> str:
     rc = base.main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("base: error:")]
+    lines = [line for line in err.splitlines() if line.startswith("lpo base: error:")]
     assert len(lines) == 1 and "Traceback" not in err
     return lines[0]
 

@@ -109,7 +109,7 @@ def test_bench_plan_takes_the_step_nearest_half_that_spo_trains():
     assert (plan.timesteps, plan.prev, plan.train) == ((501,), (451,), (True,))
     plan = B.bench_plan(timesteps, prev, spo_t_max=460, num_train_timesteps=1000)
     assert plan.timesteps == (451,)  # the last step (t_prev = -1) is never picked
-    with pytest.raises(ConfigError, match="spo_t_max"):
+    with pytest.raises(ConfigError, match=r"optimize\.spo\.t_max"):
         B.bench_plan([999, 499], [499, -1], spo_t_max=400, num_train_timesteps=1000)
 
 

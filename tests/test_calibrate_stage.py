@@ -1,4 +1,4 @@
-"""Tests of the `calibrate` stage (lpo/stages/calibrate.py; DESIGN.md "Threshold calibration", METHOD.md §3).
+"""Tests of the `calibrate` stage (lpo/stages/calibrate.py; docs/design.md "Threshold calibration", docs/method.md §3).
 
 Tiny random models, offline: a tiny SD1.5-layout pipeline (SD's scheduler, for the paper's sigma table) and a
 random shapes-tiny pipeline with a random LRM built from it (rollout mode). The pure threshold math is tested
@@ -20,7 +20,7 @@ from lpo.config import ConfigError, LrmConfig, from_dict
 from lpo.stages import calibrate as C
 from lpo.world.judge import Judge
 
-# METHOD.md §3: sigma (SD scaled-linear, DDIM-20, eta 1) and th(t) for SD1.5 [0.35, 0.5], for t = 1, 51, ..., 951.
+# docs/method.md §3: sigma (SD scaled-linear, DDIM-20, eta 1) and th(t) for SD1.5 [0.35, 0.5], for t = 1, 51, ..., 951.
 METHOD_SIGMAS = [0.0206, 0.0406, 0.1673, 0.2144, 0.2509, 0.2836, 0.3144, 0.3442, 0.3732, 0.4016,
                  0.4293, 0.4565, 0.4829, 0.5087, 0.5336, 0.5576, 0.5807, 0.6029, 0.6241, 0.6444]
 METHOD_TH = [0.350, 0.355, 0.385, 0.397, 0.405, 0.413, 0.421, 0.428, 0.435, 0.442, 0.448, 0.455,

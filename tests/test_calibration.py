@@ -19,7 +19,7 @@ from lpo.calibration import (
 )
 from lpo.diffusion import ddim_sigmas
 
-# Kwai-Kolors/LPO lpo/lpo/preference_models/compare_funcs.py = METHOD.md §3, t = 1, 51, ..., 951.
+# Kwai-Kolors/LPO lpo/lpo/preference_models/compare_funcs.py = docs/method.md §3, t = 1, 51, ..., 951.
 OFFICIAL_SIGMAS = [0.0206, 0.0406, 0.1673, 0.2144, 0.2509, 0.2836, 0.3144, 0.3442, 0.3732, 0.4016,
                    0.4293, 0.4565, 0.4829, 0.5087, 0.5336, 0.5576, 0.5807, 0.6029, 0.6241, 0.6444]
 METHOD_TH_SD15 = [0.350, 0.355, 0.385, 0.397, 0.405, 0.413, 0.421, 0.428, 0.435, 0.442, 0.448, 0.455,
@@ -61,7 +61,7 @@ def test_sd_threshold_tables_equal_method_md():
     assert rounded(th_sdxl, 3) == [round(v + 0.1, 3) for v in METHOD_TH_SD15]
     # from the official rounded table, identical to 3 digits
     assert rounded(sigma_thresholds(torch.tensor(OFFICIAL_SIGMAS, dtype=torch.float64), 0.35, 0.5), 3) == METHOD_TH_SD15
-    # METHOD.md: score gap 0.73 -> 1.10 (SD1.5), 0.97 -> 1.39 (SDXL)
+    # docs/method.md: score gap 0.73 -> 1.10 (SD1.5), 0.97 -> 1.39 (SDXL)
     assert [round(score_gap_for_threshold(th), 2) for th in (0.35, 0.5, 0.45, 0.6)] == [0.73, 1.10, 0.97, 1.39]
 
 

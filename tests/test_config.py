@@ -136,5 +136,14 @@ def test_cli_check_reports_one_line(tmp_path, repo_root):
                                      ("dpo_batch_size", "optimize.dpo.batch_size")])
 def test_a_flat_method_key_of_earlier_versions_names_its_new_place(tmp_path, old, new):
     path = write(tmp_path, {"experiment": {"name": "x"}, "optimize": {old: 1}})
-    with pytest.raises(C.ConfigError, match=rf"optimize\.{old}: this key moved to {re.escape(new)}"):
+    with pytest.raises(C.ConfigError, match=rf"optimize\.{old}: this key moved to {re.escape(new)}.*--migrate"):
         C.load_config(path)
+
+
+def test_migrate_moves_every_old_key_and_the_result_loads(tmp_path):
+    old = {"experiment": {"name": "x"}, "optimize": {"beta": 400.0, "clip_eps": 0.2, "spo_t_max": 500,
+                                                     "dpo_batch_size": 4, "lr": 1e-4}}
+    cfg = C.from_dict(C.migrate(old))
+    assert cfg.optimize.lpo.beta == 400.0 and cfg.optimize.lpo.clip_eps == cfg.optimize.spo.clip_eps == 0.2
+    assert cfg.optimize.spo.t_max == 500 and cfg.optimize.dpo.batch_size == 4 and cfg.optimize.lr == 1e-4
+    assert old["optimize"]["beta"] == 400.0  # the input is not changed

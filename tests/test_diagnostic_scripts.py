@@ -44,6 +44,7 @@ def test_oracle_thresholds_keep_what_the_judge_tells_apart(repo_root, tmp_path):
 
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
         tmp_path / "base" / "scheduler")  # a pipeline folder's scheduler/ is all it reads
+    (tmp_path / "base" / "model_index.json").write_text("{}")  # what makes the folder a pipeline folder
     path = tmp_path / "th.json"
     ol.write_thresholds(cfg, tmp_path / "base", path)
     table = json.loads(path.read_text())

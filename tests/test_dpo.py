@@ -1,4 +1,4 @@
-"""Diffusion-DPO as an optimize method (lpo/methods/dpo.py; METHOD.md section 5): winner/loser ordering and tie
+"""Diffusion-DPO as an optimize method (lpo/methods/dpo.py; docs/method.md section 5): winner/loser ordering and tie
 dropping, the loss at init (log 2), implicit accuracy rising on a toy preference set, shared noise and t, the
 all-ties batch, exact resume, bad input. A random shapes-tiny base and the toy latents of test_train_lrm."""
 

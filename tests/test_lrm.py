@@ -1,4 +1,4 @@
-"""Tests of the Latent Reward Model (lpo/reward/lrm.py; METHOD.md section 1).
+"""Tests of the Latent Reward Model (lpo/reward/lrm.py; docs/method.md section 1).
 
 Tiny random models built from configs, offline; the real SD1.5 / SDXL U-Net configs (tests/fixtures/, the
 published unet/config.json files) are only instantiated on the meta device, so no weights are allocated.
@@ -53,7 +53,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @pytest.fixture(scope="session")
 def clip_tokenizer() -> CLIPTokenizer:
-    """The real CLIP BPE tokenizer, built offline from open_clip's vocabulary file (CPU-NOTES.md)."""
+    """The real CLIP BPE tokenizer, built offline from open_clip's vocabulary file (docs/cpu-notes.md)."""
     spec = importlib.util.find_spec("open_clip")
     bpe = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
     merges = [tuple(m.split()) for m in gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]]
@@ -168,7 +168,7 @@ def test_real_configs_visual_width_on_meta(name, width, proj, taps_hw, clip_toke
                                 text_max_length=77)
     assert all(p.device.type == "meta" for p in lrm.parameters())
     assert unet.config.sample_size == taps_hw[0]
-    # W_v: Linear(4800 -> 768) for SD1.5, Linear(3520 -> 1280) for SDXL (METHOD.md section 1).
+    # W_v: Linear(4800 -> 768) for SD1.5, Linear(3520 -> 1280) for SDXL (docs/method.md section 1).
     assert tuple(lrm.visual_proj.weight.shape) == (proj, width)
 
     batch, side = 2, config["sample_size"]

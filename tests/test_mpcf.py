@@ -1,4 +1,4 @@
-"""MPCF: every row of METHOD.md section 2's table, the tie rule, 'none', keep_ties and the breakdown."""
+"""MPCF: every row of docs/method.md section 2's table, the tie rule, 'none', keep_ties and the breakdown."""
 
 import numpy as np
 import pytest

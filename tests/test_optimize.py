@@ -1,6 +1,6 @@
-"""Tests of the optimize stage with method lpo (lpo/stages/optimize.py, lpo/methods/lpo.py; METHOD.md section 3).
+"""Tests of the optimize stage with method lpo (lpo/stages/optimize.py, lpo/methods/lpo.py; docs/method.md section 3).
 
-Mechanics, not accuracy (LPO-PROTOTYPE.md recommendation 7): the loss starts at log 2 and falls on a toy
+Mechanics, not accuracy (docs/prototype.md recommendation 7): the loss starts at log 2 and falls on a toy
 problem, tuples are kept, the reference equals the base, only LoRA trains, resume is exact, bad input fails
 before any compute, a process without pairs never hangs a 2-process run. Models: a random shapes-tiny base
 (the packaged MiniLM as text encoder) and a random LRM built from it; thresholds written here.
@@ -252,8 +252,8 @@ def test_rollout_keeps_tuples_and_loss_starts_at_log2_and_falls(assets):
 
     # the stored mean reproduces: policy == reference at init, so both log-probs match exactly
     with policy.reference() as ref:
-        ref_w, _ = M.tuple_log_probs(ref, tuples, uncond, bb.scheduler, ocfg.cfg, ocfg.eta)
-    pol_w, _ = M.tuple_log_probs(policy.unet, tuples, uncond, bb.scheduler, ocfg.cfg, ocfg.eta)
+        ref_w, _ = M.pair_log_probs(tuples, M.policy_step(ref, tuples, uncond, bb.scheduler, ocfg.cfg, ocfg.eta))
+    pol_w, _ = M.pair_log_probs(tuples, M.policy_step(policy.unet, tuples, uncond, bb.scheduler, ocfg.cfg, ocfg.eta))
     assert torch.equal(ref_w, pol_w)
 
     accelerator = Accelerator(cpu=True)
@@ -271,7 +271,7 @@ def test_rollout_keeps_tuples_and_loss_starts_at_log2_and_falls(assets):
     # only the adapters moved; the reference is still the base exactly
     assert all(torch.equal(p, base_state[n]) for n, p in policy.unet.named_parameters() if not p.requires_grad)
     with policy.reference() as ref:
-        assert torch.equal(M.tuple_log_probs(ref, tuples, uncond, bb.scheduler, ocfg.cfg, ocfg.eta)[0], ref_w)
+        assert torch.equal(M.pair_log_probs(tuples, M.policy_step(ref, tuples, uncond, bb.scheduler, ocfg.cfg, ocfg.eta))[0], ref_w)
 
 
 # --------------------------------------------------------------------------------------------------------

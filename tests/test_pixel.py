@@ -1,4 +1,4 @@
-"""SPO's step-aware pixel reward model (lpo/reward/pixel.py; METHOD.md section 5): scores, SPO's zero-init time
+"""SPO's step-aware pixel reward model (lpo/reward/pixel.py; docs/method.md section 5): scores, SPO's zero-init time
 conditioning, gradients into it, save/load, the CLIP kind on a tiny random CLIPModel folder, the one-step x0-hat
 noise protocol and the accuracy-by-timestep evaluation. Tiny random models, offline."""
 

@@ -1,4 +1,4 @@
-"""SPO as an optimize method (lpo/methods/spo.py; METHOD.md section 5): the step plan (fixed threshold,
+"""SPO as an optimize method (lpo/methods/spo.py; docs/method.md section 5): the step plan (fixed threshold,
 t <= spo_t_max), the scorer's cost (K extra CFG U-Net evaluations, K decodes, K SPM evaluations per prompt and
 step, counted), the child's timestep, bad input, and an end-to-end run at smoke size. A random shapes-tiny
 base and a random small SPM, offline."""

@@ -1,4 +1,4 @@
-"""train_lrm (METHOD.md sections 1, 2): timestep sampling, per-step generators, the loss split over ranks, a toy
+"""train_lrm (docs/method.md sections 1, 2): timestep sampling, per-step generators, the loss split over ranks, a toy
 preference set that the LRM learns, resume after a kill with identical weights, bad input, and two processes.
 (The noise protocol itself is tested in test_eval_lrm.py, where it lives.)
 
@@ -28,6 +28,8 @@ from lpo.diffusion import ddim_timesteps
 from lpo.losses import bradley_terry_loss, per_prompt_weights
 from lpo.reward.lrm import LatentRewardModel
 from lpo.stages import train_lrm as T
+from lpo.training import lrm as TL
+from lpo.training import trainer as TR
 from lpo.training import lrm as LT
 
 from latents_helpers import PROMPTS, run_killed, toy_samples, write_toy_latents  # noqa: F401
@@ -65,41 +67,41 @@ def train_losses(work: Path) -> list[float]:
 
 
 def test_step_generators_are_per_step_and_rank_and_draw_independent_noise_per_image():
-    draws = torch.randn((4, 2, 4, 8, 8), generator=T.step_generator(0, 3, 0))
+    draws = torch.randn((4, 2, 4, 8, 8), generator=TR.step_generator(0, 3, 0))
     assert not torch.allclose(draws[:, 0], draws[:, 1])  # winner and loser get independent noise
-    assert torch.equal(draws, torch.randn((4, 2, 4, 8, 8), generator=T.step_generator(0, 3, 0)))
-    for other in (T.step_generator(0, 4, 0), T.step_generator(0, 3, 1), T.step_generator(1, 3, 0)):
+    assert torch.equal(draws, torch.randn((4, 2, 4, 8, 8), generator=TR.step_generator(0, 3, 0)))
+    for other in (TR.step_generator(0, 4, 0), TR.step_generator(0, 3, 1), TR.step_generator(1, 3, 0)):
         assert not torch.equal(draws, torch.randn((4, 2, 4, 8, 8), generator=other))
 
 
 def test_timesteps_come_from_the_grid_and_high_t_weight_shifts_mass_up():
     sched = sd_scheduler()
     grid, _ = ddim_timesteps(sched, 20)
-    cands = T.candidate_timesteps("ddim_grid", grid, 1000)
+    cands = TL.candidate_timesteps("ddim_grid", grid, 1000)
     assert cands.tolist() == list(range(1, 952, 50))
     gen = torch.Generator().manual_seed(0)
-    flat = T.sample_timesteps(20000, cands, T.timestep_weights(cands, 1000, 1.0), gen)
+    flat = TL.sample_timesteps(20000, cands, TL.timestep_weights(cands, 1000, 1.0), gen)
     assert set(flat.tolist()) <= set(cands.tolist())
     assert abs(float((flat >= 500).float().mean()) - 0.5) < 0.02
-    tilted = T.sample_timesteps(20000, cands, T.timestep_weights(cands, 1000, 3.0), gen)
+    tilted = TL.sample_timesteps(20000, cands, TL.timestep_weights(cands, 1000, 3.0), gen)
     assert abs(float((tilted >= 500).float().mean()) - 0.75) < 0.02  # 10 x 3 / (10 x 3 + 10 x 1)
-    uni = T.candidate_timesteps("uniform", grid, 1000)
+    uni = TL.candidate_timesteps("uniform", grid, 1000)
     assert uni.tolist() == list(range(1000))
     with pytest.raises(ValueError, match="high_t_weight"):
-        T.timestep_weights(cands, 1000, 0.0)
+        TL.timestep_weights(cands, 1000, 0.0)
 
 
 def test_validation_timesteps_include_the_lowest_and_highest():
     grid = torch.arange(999, 0, -50)  # 999 ... 49, descending like trailing spacing
-    assert T.validation_timesteps(grid, 4) == [49, 349, 699, 999]  # grid indices 0, 6, 13, 19
-    assert T.validation_timesteps(grid, 1) == [49]
+    assert TL.validation_timesteps(grid, 4) == [49, 349, 699, 999]  # grid indices 0, 6, 13, 19
+    assert TL.validation_timesteps(grid, 1) == [49]
     with pytest.raises(ValueError, match="val_timesteps"):
-        T.validation_timesteps(grid, 21)
+        TL.validation_timesteps(grid, 21)
 
 
 def test_warmup_factor_is_linear_then_flat():
-    assert [T.warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert T.warmup_factor(0, 0) == 1.0
+    assert [TL.warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert TL.warmup_factor(0, 0) == 1.0
 
 
 def test_rank_losses_average_to_the_global_per_prompt_weighted_loss():
@@ -115,7 +117,7 @@ def test_rank_losses_average_to_the_global_per_prompt_weighted_loss():
     for rank in (0, 1):
         sl = slice(4 * rank, 4 * rank + 4)
         w = w_all[sl]
-        parts.append(bradley_terry_loss(s0[sl], s1[sl], labels[sl, 0], labels[sl, 1], w) * T.local_loss_scale(w, 2))
+        parts.append(bradley_terry_loss(s0[sl], s1[sl], labels[sl, 0], labels[sl, 1], w) * TR.local_loss_scale(w, 2))
     mean = (parts[0] + parts[1]) / 2  # what DDP's gradient averaging amounts to
     torch.testing.assert_close(mean, full)
     for a, b in zip(torch.autograd.grad(mean, [s0, s1]), g_full):

@@ -1,4 +1,4 @@
-"""train_spm (METHOD.md section 5, SPM): a separable toy set the SPM learns, outputs, resume after a kill with
+"""train_spm (docs/method.md section 5, SPM): a separable toy set the SPM learns, outputs, resume after a kill with
 identical weights, bad config values and foreign checkpoints. A random shapes-tiny base (packaged MiniLM),
 the toy latents of test_train_lrm (the winner's posterior mean is +1 on every element), low noise only."""
 

@@ -1,4 +1,4 @@
-"""Batches of latent pairs from a split's WebDataset shards, safe for DDP (ECOSYSTEM.md section 8).
+"""Batches of latent pairs from a split's WebDataset shards, safe for DDP (docs/ecosystem.md section 8).
 
 Guarantees of `PairLoader.iterate(epoch, start_batch)`:
 - every rank yields exactly `batches_per_rank` full batches, computed from the index counts

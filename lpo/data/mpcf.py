@@ -1,4 +1,4 @@
-"""Multi-Preference Consistent Filtering (MPCF), METHOD.md section 2 (paper section 4.2, Tab. 1).
+"""Multi-Preference Consistent Filtering (MPCF), docs/method.md section 2 (paper section 4.2, Tab. 1).
 
 A win-lose pair is kept when its winner is not worse than its loser on the auxiliary rewards: with gaps
 ``G_* = S_*(I_w) - S_*(I_l)`` (A = aesthetic, C = CLIP score, V = VQA score)
@@ -41,7 +41,7 @@ def _check_strategy(strategy: str) -> None:
 
 
 def _passes(gaps: np.ndarray, is_tie: np.ndarray, strategy: str) -> np.ndarray:
-    """Per pair and scorer, whether the gap passes its rule (METHOD.md section 2 table). (N, 3) bool."""
+    """Per pair and scorer, whether the gap passes its rule (docs/method.md section 2 table). (N, 3) bool."""
     win_lose_ok = gaps >= np.asarray(WIN_LOSE_MIN_GAP[strategy])  # (N, 3); NaN -> False
     tie_ok = np.abs(gaps) <= np.asarray(TIE_MAX_ABS_GAP)  # (N, 3); NaN -> False
     return np.where(is_tie[:, None], tie_ok, win_lose_ok)
@@ -63,7 +63,7 @@ def mpcf_keep(
     strategy: str,
     keep_ties: bool,
 ) -> np.ndarray:
-    """MPCF keep mask (METHOD.md section 2, MPCF table). (N,) bool.
+    """MPCF keep mask (docs/method.md section 2, MPCF table). (N,) bool.
 
     Gaps are winner-minus-loser for win-lose pairs; for ties either order (only |gap| is used).
     strategy: "none", "1", "2" or "3". keep_ties=False drops every tie, whatever its gaps.

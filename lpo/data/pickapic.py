@@ -1,4 +1,4 @@
-"""Pick-a-Pic v1 preference pairs in parquet: schema, row checks, writer and download (METHOD.md section 2).
+"""Pick-a-Pic v1 preference pairs in parquet: schema, row checks, writer and download (docs/method.md section 2).
 
 Both worlds store pairs in this schema: the real Pick-a-Pic parquet files from the hub (or a local mirror), and
 the shapes world's simulated pairs (`write_pairs`). Everything downstream reads them through `iter_rows`.

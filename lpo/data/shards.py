@@ -1,4 +1,4 @@
-"""WebDataset shards of latent pairs (DESIGN.md "Latent shards", ECOSYSTEM.md section 8).
+"""WebDataset shards of latent pairs (docs/design.md "Latent shards", docs/ecosystem.md section 8).
 
 Layout of a latents folder, per split (train / val / test):
 - ``<split>-000000.tar`` ... : one WebDataset sample per pair, key ``<file stem>-r<row>`` (no dots), members
@@ -49,7 +49,7 @@ def shard_count(n_samples: int, samples_per_shard: int, world_size: int, num_wor
     """Shards for `n_samples`: about `samples_per_shard` each, rounded up to a multiple of world_size*num_workers.
 
     A multiple, so `wds.split_by_node` and `split_by_worker` hand every rank and worker the same number of
-    shards (ECOSYSTEM.md section 8: fewer or uneven shards leave a rank short and DDP hangs).
+    shards (docs/ecosystem.md section 8: fewer or uneven shards leave a rank short and DDP hangs).
     """
     if samples_per_shard < 1 or world_size < 1 or num_workers < 1:
         raise ValueError(

@@ -1,6 +1,6 @@
 """Diffusion-DPO (Wallace et al., SalesforceAIResearch/DiffusionDPO train.py) as an ``optimize`` method.
 
-METHOD.md section 5 ("Diffusion-DPO") is the specification. Offline: no sampling, no reward model, no VAE in
+docs/method.md section 5 ("Diffusion-DPO") is the specification. Offline: no sampling, no reward model, no VAE in
 the loop. Each optimiser step (``optimize.iterations`` of them) takes a batch of ``optimize.dpo.batch_size``
 pairs from the latent shards' train split (lpo.data.loader.PairLoader, the same shards the LRM and SPM learn
 from) and:
@@ -87,7 +87,7 @@ def check_inputs(cfg: Config, inputs: MethodInputs) -> None:
 
 
 def winner_loser(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Order each decided pair winner-first and drop ties (METHOD.md section 5; the official label_0 flip).
+    """Order each decided pair winner-first and drop ties (docs/method.md section 5; the official label_0 flip).
 
     x: (B, 2, ...) both images of each pair; labels: (B, 2). Returns x_w, x_l (n, ...) and the indices (n,)
     of the decided pairs in the batch.
@@ -175,7 +175,7 @@ def dpo_step(
     generator: torch.Generator,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, float], int]:
-    """Loss of one batch (METHOD.md section 5). Returns (loss, stats, decided pairs). All randomness from
+    """Loss of one batch (docs/method.md section 5). Returns (loss, stats, decided pairs). All randomness from
     `generator` (CPU): posterior noise, diffusion noise and t, drawn for the whole batch so the stream does not
     depend on how many pairs are ties."""
     bb = policy.backbone

@@ -33,12 +33,12 @@ from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from lpo.backbones import PromptEmbeds, load_scheduler
-from lpo.config import Config, ConfigError, OptimizeConfig
+from lpo.config import Config, ConfigError, OptimizeConfig, check_minimums
 from lpo.branching import BranchStep, branching_steps, now
 from lpo.diffusion import StepSplit, cfg_noise_pred, ddim_sigmas, ddim_step_split, ddim_timesteps, step_log_prob
 from lpo.losses import pair_gap
 from lpo.methods import MethodInputs
-from lpo.policy import Policy, check_policy_config, save_checkpoint, start_training
+from lpo.policy import WEIGHT_DTYPES, Policy, check_policy_config, save_checkpoint, start_training
 from lpo.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,8 @@ def check_step_config(cfg: OptimizeConfig) -> None:
         raise ConfigError(f"optimize.num_children: K must be >= 2 (a best and a worst child), got {cfg.num_children}")
     if not 0.0 < cfg.eta <= 1.0:
         raise ConfigError(f"optimize.eta: must be in (0, 1] (eta = 0 gives identical children), got {cfg.eta}")
-    if cfg.iterations < 0:
-        raise ConfigError(f"optimize.iterations: must be >= 0, got {cfg.iterations}")
-    for key in ("prompts_per_iteration", "train_batch_size", "checkpoint_every", "ddim_steps"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"optimize.{key}: must be >= 1, got {getattr(cfg, key)}")
+    check_minimums("optimize", cfg, {"iterations": 0, "prompts_per_iteration": 1, "train_batch_size": 1,
+                                     "checkpoint_every": 1, "ddim_steps": 1})
     if not cfg.lr > 0:
         raise ConfigError(f"optimize.lr: must be > 0, got {cfg.lr}")
     if cfg.t_min > cfg.t_max:
@@ -165,7 +162,7 @@ def step_plan(table: ThresholdTable, scheduler: DDIMScheduler, cfg: OptimizeConf
 
 
 def best_worst(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best and worst child per prompt and their pair gap, METHOD.md section 3 step 2d.
+    """Best and worst child per prompt and their pair gap, docs/method.md section 3 step 2d.
 
     scores: (B, K). Returns w_idx (B,), l_idx (B,), gap (B,) = tanh((S_w - S_l) / 2) in [0, 1).
     """
@@ -254,7 +251,7 @@ class Tuples:
 
 
 def shared_indices(counts: Sequence[int], rank: int, world_size: int, generator: torch.Generator) -> torch.Tensor:
-    """This process's share of all processes' tuples (METHOD.md section 3 step 3).
+    """This process's share of all processes' tuples (docs/method.md section 3 step 3).
 
     Tuples are numbered by concatenating the processes' tuples in rank order. A permutation drawn from
     `generator` (seeded identically everywhere) is cut into world_size equal parts of total // world_size,
@@ -377,10 +374,6 @@ class StepMethod:
         return {}
 
 
-def _now(device: torch.device) -> float:
-    return now(device)
-
-
 @torch.no_grad()
 def branching_rollout(
     unet: Any,
@@ -415,7 +408,7 @@ def branching_rollout(
         if not step.branched:
             records.append(StepRecord(t, False, 0, batch, step.unet_s, 0.0))
             continue
-        scored_from = _now(device)
+        scored_from = now(device)
         flat = step.children.flatten(0, 1)  # (B*K, C, h, w)
         scores = scorer(flat, score_timestep(t, t_prev, method.score_at)).float().view(batch, num_children)  # (B, K)
         chosen = method.select(step, scores, th)
@@ -433,7 +426,7 @@ def branching_rollout(
                 part["text_embeds"] = cond.text_embeds[kept]
                 part["time_ids"] = cond.add_time_ids[kept]
             parts.append(Tuples(part))
-        records.append(StepRecord(t, True, int(kept.numel()), batch, step.unet_s, _now(device) - scored_from,
+        records.append(StepRecord(t, True, int(kept.numel()), batch, step.unet_s, now(device) - scored_from,
                                   chosen.gap_mean))
     return Tuples.cat(parts, template), records
 
@@ -462,19 +455,10 @@ def policy_step(
     return ddim_step_split(out, d["x_t"], d["t"], d["t_prev"], scheduler, eta)
 
 
-def tuple_log_probs(
-    unet: Callable[..., Any],
-    batch: Tuples,
-    uncond: PromptEmbeds,
-    scheduler: DDIMScheduler,
-    cfg_scale: float,
-    eta: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x_w | x_t) and log p(x_l | x_t) under the CFG policy `unet`, docs/method.md section 3 step 4.
-
-    Returns two (N,) tensors (mean over latent elements, ``lpo.diffusion.step_log_prob``).
-    """
-    split = policy_step(unet, batch, uncond, scheduler, cfg_scale, eta)
+def pair_log_probs(batch: Tuples, split: StepSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x_w | x_t) and log p(x_l | x_t) under the step Gaussian `split` of the tuples' (x_t, t)
+    (``policy_step``), docs/method.md section 3 step 4. Returns two (N,) tensors (mean over latent elements,
+    ``lpo.diffusion.step_log_prob``)."""
     d = batch.data
     return step_log_prob(d["x_w"], split.mean, split.sigma), step_log_prob(d["x_l"], split.mean, split.sigma)
 
@@ -522,8 +506,8 @@ class PairwiseStepMethod(StepMethod):
                optimizer: torch.optim.Optimizer, accelerator: Any, cfg: OptimizeConfig) -> dict[str, float]:
         scheduler = policy.backbone.scheduler
         with policy.reference() as ref:
-            ref_w, ref_l = tuple_log_probs(ref, batch, uncond, scheduler, cfg.cfg, cfg.eta)
-        logp_w, logp_l = tuple_log_probs(train_unet, batch, uncond, scheduler, cfg.cfg, cfg.eta)
+            ref_w, ref_l = pair_log_probs(batch, policy_step(ref, batch, uncond, scheduler, cfg.cfg, cfg.eta))
+        logp_w, logp_l = pair_log_probs(batch, policy_step(train_unet, batch, uncond, scheduler, cfg.cfg, cfg.eta))
         loss, stats = self.loss(logp_w, ref_w, logp_l, ref_l, self.beta, self.clip_eps)
         optimizer_step(loss, policy, optimizer, accelerator, cfg)
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}
@@ -608,9 +592,10 @@ def step_level_loop(
 
         writer = SummaryWriter(str(workdir / "tb"))
     policy.unet.eval()  # no dropout anywhere: sampling, reference and policy passes see the same network
-    bar = tqdm(range(start, ocfg.iterations), desc=method.name, initial=start, total=ocfg.iterations, disable=not is_main)
+    bar = tqdm(range(start, ocfg.iterations), desc=method.name, initial=start, total=ocfg.iterations,
+               disable=not is_main)
     for it in bar:
-        it_start = _now(device)
+        it_start = now(device)
         batch_prompts = [prompts[i] for i in draw_prompts(len(prompts), ocfg.prompts_per_iteration, generator)]
         cond = bb.encode_prompts(batch_prompts).to(device)
         scorer = method.make_scorer(batch_prompts)
@@ -618,15 +603,15 @@ def step_level_loop(
         with accelerator.autocast():
             tuples, records = branching_rollout(policy.unet, bb.scheduler, cond, uncond, x_T, plan, ocfg.cfg,
                                                 ocfg.eta, ocfg.num_children, scorer, generator, method)
-        sampled = _now(device)
+        sampled = now(device)
         mine, total = share_tuples(accelerator, tuples, cfg.experiment.seed, it)
-        shared = _now(device)
+        shared = now(device)
         stats: list[dict[str, float]] = []
         with accelerator.autocast():
             for lo in range(0, len(mine), ocfg.train_batch_size):
                 stats.append(method.update(policy, train_unet, mine.slice(lo, lo + ocfg.train_batch_size), uncond,
                                            optimizer, accelerator, ocfg))
-        updated = _now(device)
+        updated = now(device)
 
         # Bookkeeping: counts summed over processes; losses averaged (every process ran the same steps).
         buckets = _bucket_counts(records, num_train)
@@ -700,7 +685,7 @@ def _log_iteration(writer: Any, bar: Any, row: dict[str, Any], it: int, start: i
     shares = ", ".join(f"{b} {row[f'kept/{b}']} ({row[f'kept_share/{b}']:.0%})" for b in buckets)
     if it == start:
         log.info("%s iteration %d: kept pairs per timestep bucket: %s (aim for ~10-25%% of steps, "
-                 "LPO-PROTOTYPE.md trap 1)", method, step, shares)
+                 "docs/prototype.md trap 1)", method, step, shares)
     elif step % 10 == 0:
         log.info("%s iteration %d: kept %s", method, step, shares)
     if shown and (it == start or step % 10 == 0):
@@ -814,3 +799,20 @@ def lrm_null_encoding(lrm: Any) -> Any:
     """The null prompt's encoding that VFE needs (None when VFE is off)."""
     with torch.no_grad():
         return lrm.encode_text([""]) if lrm.vfe_scale != 1.0 else None
+
+
+def train_lrm_method(cfg: Config, policy: Policy, inputs: MethodInputs, workdir: Path, accelerator: Any, name: str,
+                     make_method: Callable[[Any], StepMethod], describe: Callable[[StepPlan], str]) -> dict[str, Any]:
+    """The training of a method scored by the LRM: the plan from calibrate's thresholds.json, the frozen LRM,
+    the engine's loop with ``make_method(lrm)``; `describe(plan)` is logged first. Returns the summary."""
+    ocfg = cfg.optimize
+    plan = step_plan(read_thresholds(inputs.thresholds, name), policy.backbone.scheduler, ocfg)
+    lrm = load_lrm(Path(inputs.lrm_dir), accelerator.device, WEIGHT_DTYPES[ocfg.mixed_precision],
+                   policy.backbone.latent_channels)
+    log.info("%s", describe(plan))
+    summary = step_level_loop(cfg, policy, inputs.prompts, workdir, accelerator, plan, make_method(lrm))
+    summary["lrm"] = str(inputs.lrm_dir)
+    summary["thresholds_file"] = str(inputs.thresholds)
+    if accelerator.is_main_process:
+        write_json(workdir / "summary.json", summary)
+    return summary

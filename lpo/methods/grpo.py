@@ -35,18 +35,15 @@ from lpo.methods.engine import (
     Scorer,
     Selection,
     StepMethod,
+    StepPlan,
     Tuples,
     check_lrm_inputs,
-    load_lrm,
     lrm_null_encoding,
     optimizer_step,
     policy_step,
-    read_thresholds,
-    step_level_loop,
-    step_plan,
+    train_lrm_method,
 )
-from lpo.policy import WEIGHT_DTYPES, Policy
-from lpo.utils import write_json
+from lpo.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +121,15 @@ def check_inputs(cfg: Config, inputs: MethodInputs) -> None:
 def train(cfg: Config, policy: Policy, inputs: MethodInputs, workdir: Path, accelerator: Any) -> dict[str, Any]:
     """Step-level GRPO: the LRM scores the children; calibrate's trainable flags choose the steps."""
     ocfg = cfg.optimize
-    plan = step_plan(read_thresholds(inputs.thresholds, "grpo"), policy.backbone.scheduler, ocfg)
-    lrm = load_lrm(Path(inputs.lrm_dir), accelerator.device, WEIGHT_DTYPES[ocfg.mixed_precision],
-                   policy.backbone.latent_channels)
-    log.info("grpo: %d of %d steps trained (t = %s); clip %g, kl_beta %g, log-density %s", sum(plan.train),
-             len(plan), [t for t, ok in zip(plan.timesteps, plan.train) if ok], ocfg.grpo.clip_eps,
-             ocfg.grpo.kl_beta, ocfg.grpo.logprob)
-    summary = step_level_loop(cfg, policy, inputs.prompts, workdir, accelerator, plan,
-                              Grpo(ocfg.grpo, lrm, ocfg.num_children))
-    summary["lrm"] = str(inputs.lrm_dir)
-    summary["thresholds_file"] = str(inputs.thresholds)
-    if accelerator.is_main_process:
-        write_json(workdir / "summary.json", summary)
-    return summary
+    g = ocfg.grpo
+
+    def describe(plan: StepPlan) -> str:
+        trained = [t for t, ok in zip(plan.timesteps, plan.train) if ok]
+        return (f"grpo: {sum(plan.train)} of {len(plan)} steps trained (t = {trained}); clip {g.clip_eps}, "
+                f"kl_beta {g.kl_beta}, log-density {g.logprob}")
+
+    return train_lrm_method(cfg, policy, inputs, workdir, accelerator, "grpo",
+                            lambda lrm: Grpo(g, lrm, ocfg.num_children), describe)
 
 
 METHOD = Method(check=check_inputs, train=train)

@@ -21,19 +21,9 @@ from typing import Any
 from lpo.config import Config, LpoMethodConfig
 from lpo.losses import step_dpo_loss
 from lpo.methods import Method, MethodInputs
-from lpo.methods.engine import (
-    LrmScorer,
-    PairwiseStepMethod,
-    Scorer,
-    check_lrm_inputs,
-    load_lrm,
-    lrm_null_encoding,
-    read_thresholds,
-    step_level_loop,
-    step_plan,
-)
-from lpo.policy import WEIGHT_DTYPES, Policy
-from lpo.utils import write_json
+from lpo.methods.engine import LrmScorer, PairwiseStepMethod, Scorer, StepPlan, check_lrm_inputs, lrm_null_encoding
+from lpo.methods.engine import train_lrm_method
+from lpo.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +52,13 @@ def check_inputs(cfg: Config, inputs: MethodInputs) -> None:
 def train(cfg: Config, policy: Policy, inputs: MethodInputs, workdir: Path, accelerator: Any) -> dict[str, Any]:
     """LPO (docs/method.md section 3): the LRM scores the children; thresholds from calibrate's thresholds.json."""
     ocfg = cfg.optimize
-    plan = step_plan(read_thresholds(inputs.thresholds), policy.backbone.scheduler, ocfg)
-    lrm = load_lrm(Path(inputs.lrm_dir), accelerator.device, WEIGHT_DTYPES[ocfg.mixed_precision],
-                   policy.backbone.latent_channels)
-    log.info("lpo: %d of %d steps trained; thresholds %s", sum(plan.train), len(plan),
-             [None if math.isinf(v) else round(v, 3) for v in plan.thresholds])
-    summary = step_level_loop(cfg, policy, inputs.prompts, workdir, accelerator, plan,
-                              Lpo(ocfg.lpo, lrm, ocfg.num_children))
-    summary["lrm"] = str(inputs.lrm_dir)
-    summary["thresholds_file"] = str(inputs.thresholds)
-    if accelerator.is_main_process:
-        write_json(workdir / "summary.json", summary)
-    return summary
+
+    def describe(plan: StepPlan) -> str:
+        thresholds = [None if math.isinf(v) else round(v, 3) for v in plan.thresholds]
+        return f"lpo: {sum(plan.train)} of {len(plan)} steps trained; thresholds {thresholds}"
+
+    return train_lrm_method(cfg, policy, inputs, workdir, accelerator, "lpo",
+                            lambda lrm: Lpo(ocfg.lpo, lrm, ocfg.num_children), describe)
 
 
 METHOD = Method(check=check_inputs, train=train)

@@ -1,6 +1,6 @@
 """SPO (Liang et al., RockeyCoss/SPO): step-level preference optimisation with a step-aware PIXEL reward.
 
-METHOD.md section 5 ("SPO") is the specification. SPO runs on the step-level engine (lpo/methods/engine.py:
+docs/method.md section 5 ("SPO") is the specification. SPO runs on the step-level engine (lpo/methods/engine.py:
 the same branching sampler, tuple sharing, checkpoints and summary as LPO) with the best/worst pair selection
 and the clipped step-level DPO update of SPO's Eqn. 6, and four settings of its own, all in this module:
 
@@ -12,7 +12,7 @@ and the clipped step-level DPO update of SPO's Eqn. 6, and four settings of its 
 2. a fixed threshold ``optimize.spo.threshold`` on pair_gap(S_w, S_l) = tanh((S_w - S_l)/2) (SPO's
    compare function is the same softmax gap of the best and worst child);
 3. training only at timesteps <= ``optimize.spo.t_max`` (SPO's divert_start_step = 4 of 20 steps, t <= 750;
-   METHOD.md section 6: SPO trained on [0, 950] collapses). Steps above it are plain DDIM steps: one child,
+   docs/method.md section 6: SPO trained on [0, 950] collapses). Steps above it are plain DDIM steps: one child,
    no scorer call, as in SPO, where branching starts at step 4;
 4. beta = ``optimize.spo.beta`` (10) in the clipped loss (``lpo.losses.step_dpo_loss``, named here: changing
    LPO's loss does not change this baseline).
@@ -210,7 +210,7 @@ def train(cfg: Config, policy: Any, inputs: MethodInputs, workdir: Path, acceler
 
 
 def spo_cost_summary(cost: SpoCost, steps_per_rollout: int) -> dict[str, Any]:
-    """SPO's per-step cost next to LPO's keys (lpo.methods.engine._summary), METHOD.md section 4 (Tab. 5).
+    """SPO's per-step cost next to LPO's keys (lpo.methods.engine._summary), docs/method.md section 4 (Tab. 5).
 
     ``unet_passes_per_sampling_step`` keeps LPO's unit (one CFG forward over the prompt batch; the K children
     are K such passes): 1 + K x (share of steps with a child pass). ``lrm_passes_per_sampling_step`` (one

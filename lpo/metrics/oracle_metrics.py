@@ -1,6 +1,6 @@
 """Shapes-world evaluation metrics: the oracle's GenEval-like table, the annotator's reward and the win rate.
 
-METHOD.md section 4 evaluates with external judges on fixed seeds; in the shapes world the judge is the exact
+docs/method.md section 4 evaluates with external judges on fixed seeds; in the shapes world the judge is the exact
 analytic oracle (lpo.world.oracle) and the simulated annotator (lpo.world.annotator). Every value here is per
 image; intervals are 95% bootstraps over *prompts* (each prompt's images resampled together), so the n images
 of one prompt are not treated as independent evidence.
@@ -31,7 +31,7 @@ def oracle_values(
     """Per-image oracle judgement and annotator reward for images uint8 (N, H, W, 3) against their triples.
 
     Returns float64 arrays (N,): exact, fg, bg, shape, has_object (0/1), quality in [0, 1] and
-    reward = alignment + lambda * quality (DESIGN.md, simulated annotator; lpo.world.annotator.reward).
+    reward = alignment + lambda * quality (docs/design.md, simulated annotator; lpo.world.annotator.reward).
     """
     judgement = oracle.judge(images, triples, world)
     values = {key: np.asarray(judgement[key], dtype=np.float64) for key in ORACLE_KEYS}
@@ -43,7 +43,7 @@ def expected_win_rate(reward_model: np.ndarray, reward_base: np.ndarray, tempera
     """Expected annotator preference of each model image over the base image of the same prompt and seed.
 
     P(model preferred) = sigmoid((r_model - r_base) / tau), the annotator's Bradley-Terry probability
-    (DESIGN.md, simulated annotator), with no sampling noise: deterministic, and exactly 0.5 for the base
+    (docs/design.md, simulated annotator), with no sampling noise: deterministic, and exactly 0.5 for the base
     model against itself. Ties are not special-cased (a tie is worth half a win either way).
     """
     r_model = np.asarray(reward_model, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Image scorers for real worlds (METHOD.md section 4): a registry of PickScore, CLIP score, LAION aesthetic,
+"""Image scorers for real worlds (docs/method.md section 4): a registry of PickScore, CLIP score, LAION aesthetic,
 HPSv2, HPSv2.1 and ImageReward, each loaded from a local weights folder named in `evaluate.scorers`.
 
     evaluate:
@@ -22,7 +22,7 @@ torchvision) and ``imagereward`` (BLIP, through the image-reward package). Namin
 that says which packages are missing. HPS v2.0 and v2.1 stay separate keys: their scores are not comparable.
 
 Every scorer takes all images: ``scorer(images uint8 (N, H, W, 3), prompts (N,)) -> (N,) float64`` (the
-official evaluation script scored only the first of four images per prompt; METHOD.md section 4).
+official evaluation script scored only the first of four images per prompt; docs/method.md section 4).
 """
 
 from __future__ import annotations
@@ -56,17 +56,17 @@ class Scorer(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pure formulas (METHOD.md section 4)
+# Pure formulas (docs/method.md section 4)
 # --------------------------------------------------------------------------------------------------------
 
 
 def pickscore_from_embeddings(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """PickScore (METHOD.md section 4): exp(logit_scale) <I/||I||, T/||T||>, the raw logit, (B,) from (B, D) each."""
+    """PickScore (docs/method.md section 4): exp(logit_scale) <I/||I||, T/||T||>, the raw logit, (B,) from (B, D) each."""
     return logit_scale.float().exp() * (F.normalize(image.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1)
 
 
 def clip_score_from_embeddings(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """CLIP score (METHOD.md section 4; Hessel et al. 2021 with w = 100): 100 max(cos(I, T), 0), (B,)."""
+    """CLIP score (docs/method.md section 4; Hessel et al. 2021 with w = 100): 100 max(cos(I, T), 0), (B,)."""
     cos = (F.normalize(image.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1)
     return 100.0 * cos.clamp(min=0.0)
 
@@ -93,7 +93,7 @@ class AestheticMLP(nn.Module):
 
 
 def aesthetic_from_embedding(image: torch.Tensor, mlp: AestheticMLP) -> torch.Tensor:
-    """LAION aesthetic score (METHOD.md section 4): MLP(I / ||I||) on the CLIP image embedding, (B,)."""
+    """LAION aesthetic score (docs/method.md section 4): MLP(I / ||I||) on the CLIP image embedding, (B,)."""
     weight = mlp.layers[0].weight
     return mlp(F.normalize(image.float(), dim=-1).to(weight.dtype)).squeeze(-1).float()  # (B,)
 
@@ -272,7 +272,7 @@ class ScorerSpec:
 # evaluate.scorers key -> spec (a plain dict: the config's keys are checked against it, no getattr on strings).
 SCORERS: dict[str, ScorerSpec] = {
     "pickscore": ScorerSpec("PickScore", "yuvalkirstain/PickScore_v1 + CLIP-H processor files", build_pickscore),
-    "clip_score": ScorerSpec("CLIP score", "a CLIPModel folder (METHOD.md: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+    "clip_score": ScorerSpec("CLIP score", "a CLIPModel folder (docs/method.md: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
                              build_clip_score),
     "aesthetic": ScorerSpec("LAION aesthetic", "openai/clip-vit-large-patch14 + the aesthetic MLP", build_aesthetic),
     "hpsv2": ScorerSpec("HPSv2", "HPS_v2_compressed.pt",

@@ -1,6 +1,6 @@
 """The Latent Reward Model (LRM): the diffusion model's own U-Net encoder half as a noise-aware reward.
 
-METHOD.md section 1 (architecture) is the specification; section 2 (training) uses it. In short:
+docs/method.md section 1 (architecture) is the specification; section 2 (training) uses it. In short:
 
     h_mid, taps = U-Net(conv_in -> time embedding -> down blocks -> mid block)(x_t, t, context)
     V   = W_v . concat(avgpool(tap_1), ..., avgpool(tap_L), V_enh)     taps = down-block outputs *before*
@@ -70,7 +70,7 @@ Timesteps = Union[int, float, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pure functions (the math of METHOD.md section 1)
+# Pure functions (the math of docs/method.md section 1)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -83,7 +83,7 @@ def check_lrm_dir(lrm_dir: str | Path) -> None:
 
 
 def vfe_combine(mid_cond: torch.Tensor, mid_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Visual Feature Enhancement, METHOD.md section 1: V_enh = V_mid_uncond + gs (V_mid - V_mid_uncond).
+    """Visual Feature Enhancement, docs/method.md section 1: V_enh = V_mid_uncond + gs (V_mid - V_mid_uncond).
 
     Classifier-free guidance on the pooled mid-block feature only; both inputs (B, C_mid).
     """
@@ -91,7 +91,7 @@ def vfe_combine(mid_cond: torch.Tensor, mid_uncond: torch.Tensor, scale: float) 
 
 
 def noise_aware_score(visual: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """LRM score, METHOD.md section 1: S(p, x_t) = exp(logit_scale) <V/||V||, T/||T||>.
+    """LRM score, docs/method.md section 1: S(p, x_t) = exp(logit_scale) <V/||V||, T/||T||>.
 
     visual, text: (B, D) projected features; returns (B,). Computed in float32 so fp16 LRMs stay stable.
     """
@@ -107,7 +107,7 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def visual_width(unet_config: Mapping[str, Any]) -> int:
-    """Width of the concatenated visual feature, from the U-Net config alone (METHOD.md section 1).
+    """Width of the concatenated visual feature, from the U-Net config alone (docs/method.md section 1).
 
     One tap per down block (its out channels, before downsampling) plus the mid block (last block's
     channels): 320+640+1280+1280+1280 = 4800 for SD1.5, 320+640+1280+1280 = 3520 for SDXL.
@@ -172,7 +172,7 @@ def unet_features(
     context: torch.Tensor,
     added_cond: Optional[dict[str, torch.Tensor]] = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The encoder half of a diffusers U-Net pass (METHOD.md section 1; never the up blocks).
+    """The encoder half of a diffusers U-Net pass (docs/method.md section 1; never the up blocks).
 
     Mirrors ``UNet2DConditionModel.forward`` up to the mid block: time embedding (+ SDXL's ``text_time``
     added embedding from ``added_cond = {"text_embeds", "time_ids"}``), conv_in, down blocks, mid block.
@@ -274,7 +274,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _encode_sd15(lrm: "LatentRewardModel", prompts: Sequence[str]) -> TextEncoding:
-    """SD1.5: context = CLIP last hidden state; feature = pooled EOS state (METHOD.md section 1)."""
+    """SD1.5: context = CLIP last hidden state; feature = pooled EOS state (docs/method.md section 1)."""
     device = _device_of(lrm.text_encoder)
     ids, _, truncated = _tokenize(lrm.tokenizer, prompts, lrm.text_max_length, device)
     out = lrm.text_encoder(ids)
@@ -327,7 +327,7 @@ def _max_length(tokenizer: Any, text_encoder: nn.Module, requested: Optional[int
 
 
 class LatentRewardModel(nn.Module):
-    """Noise-aware latent reward S(p, x_t) built from a diffusion backbone (METHOD.md section 1).
+    """Noise-aware latent reward S(p, x_t) built from a diffusion backbone (docs/method.md section 1).
 
     Args:
         unet: the diffusers U-Net (owned by the LRM from now on; ``from_backbone`` passes a deep copy).

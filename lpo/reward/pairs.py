@@ -1,4 +1,4 @@
-"""The LRM's pair machinery, shared by training (lpo.training) and evaluation (eval_lrm), METHOD.md section 2.
+"""The LRM's pair machinery, shared by training (lpo.training) and evaluation (eval_lrm), docs/method.md section 2.
 
 ``PairScorer`` (the LRM with per-caption text caching, called like a scorer of noisy latents), ``score_pairs``
 (both images of every pair at each t, with the evaluation noise ``lpo.diffusion.key_noise``), ``pair_correct``

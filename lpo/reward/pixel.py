@@ -1,6 +1,6 @@
 """SPO's step-aware pixel reward model (SPM): a time-conditioned image-text scorer of decoded x0-hat images.
 
-METHOD.md section 5 ("SPO", SPM) is the specification; RockeyCoss/SPO
+docs/method.md section 5 ("SPO", SPM) is the specification; RockeyCoss/SPO
 step_aware_preference_model/trainer/models/time_conditioned_clip.py the reference. Training (train_spm) and
 use (the SPO sampler) show the model the DECODED one-step prediction x0-hat of the base model at timestep t,
 a blurry image at high noise, together with t, so it can learn how much to trust what it sees:
@@ -115,7 +115,7 @@ def to_clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
 def clip_contrastive_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, caption_ids: torch.Tensor
 ) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE (Radford et al. 2021), the pretraining behind PickScore (METHOD.md section 5):
+    """CLIP's symmetric InfoNCE (Radford et al. 2021), the pretraining behind PickScore (docs/method.md section 5):
     logits = exp(logit_scale) cos(V_i, T_j); cross-entropy image -> text and text -> image. Images that share
     a caption are all positives (soft targets, uniform over them), since a batch of a small world repeats
     captions. image_features, text_features: (B, D); caption_ids: (B,) equal for equal captions."""
@@ -533,7 +533,7 @@ def one_step_x0_hat(
     uncond: Any,
     cfg_scale: float,
 ) -> torch.Tensor:
-    """SPM training input in latent space, METHOD.md section 5 (SPM): both latents of a pair noised with the
+    """SPM training input in latent space, docs/method.md section 5 (SPM): both latents of a pair noised with the
     SAME noise at the same t, ONE CFG step of the base model, its x0-hat (RockeyCoss/SPO spm_task.py
     get_noised_imgs: add_noise, CFG U-Net, ``pred_original_sample``).
 

@@ -12,7 +12,6 @@ The folder loads with the stock `StableDiffusion(XL)Pipeline.from_pretrained(fol
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -24,8 +23,8 @@ import torch
 import transformers
 
 from lpo.backbones import SHIPPED_SHAPES_BASE, Backbone, BackboneError, load_backbone
-from lpo.config import Config, ConfigError, load_config, to_dict
-from lpo.utils import setup_logging
+from lpo.config import Config, to_dict
+from lpo.stage_main import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -102,32 +101,13 @@ def run(cfg: Config, out_dir: Path, weights: Optional[Path] = None) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lpo.stages.base",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        action="append",
-        required=True,
-        metavar="PATH",
-        help="config YAML; repeat to deep-merge several (later ones win)",
-    )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output pipeline folder (results/<name>/base)")
-    parser.add_argument(
-        "--weights", default=None, metavar="DIR", help="shapes-tiny: folder with unet/ and vae/ (default: shipped base)"
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(*args.config)
-        summary = run(cfg, Path(args.out), Path(args.weights) if args.weights else None)
-    except (ConfigError, BackboneError) as err:
-        print(f"base: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--weights", default=None, metavar="DIR",
+                            help="shapes-tiny: folder with unet/ and vae/ (default: shipped base)")
+
+    return stage_main("base", __doc__, lambda cfg, a: run(cfg, Path(a.out), Path(a.weights) if a.weights else None),
+                      argv, out=("DIR", "output pipeline folder (results/<name>/base)"), arguments=arguments,
+                      user_errors=(BackboneError,))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage `calibrate`: per-timestep pair thresholds th(t) for LPO, and the timesteps LPO must not train at.
 
-DESIGN.md "Threshold calibration", METHOD.md section 3 (step 2d and the dynamic threshold). Output
+docs/design.md "Threshold calibration", docs/method.md section 3 (step 2d and the dynamic threshold). Output
 ``thresholds.json`` (read by ``optimize``; ``lpo.calibration.threshold_at`` looks thresholds up by exact t):
 
     mode                 "sigma" | "rollout"
@@ -61,12 +61,13 @@ from tqdm import tqdm
 from lpo.backbones import Backbone, BackboneError, load_pipeline_folder, load_scheduler
 from lpo.branching import branching_steps
 from lpo.calibration import kept_share, rollout_threshold, sigma_thresholds
-from lpo.config import Config, ConfigError, load_config, to_dict
+from lpo.config import Config, ConfigError, check_minimums, to_dict
 from lpo.diffusion import ddim_sigmas, ddim_timesteps
 from lpo.losses import pair_gap
 from lpo.reward.lrm import LatentRewardModel, check_lrm_dir
 from lpo.sampling import ddim_rollout, decode_images
-from lpo.utils import read_json, setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import read_json, write_json
 from lpo.world.judge import Judge, judge_agreement, shapes_judge
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,9 @@ def check_calibrate(cfg: Config) -> None:
     if not 0.0 < opt.eta <= 1.0:
         raise ConfigError(f"optimize.eta: LPO's children need noise, expected a value in (0, 1], got {opt.eta}")
     if cal.mode == "rollout":
-        if cal.n_prompts < 1:
-            raise ConfigError(f"calibrate.n_prompts: expected >= 1, got {cal.n_prompts}")
+        check_minimums("calibrate", cal, {"n_prompts": 1, "min_pairs": 1, "batch_size": 1})
         if not 0.0 < cal.precision <= 1.0:
             raise ConfigError(f"calibrate.precision: expected a share in (0, 1], got {cal.precision}")
-        if cal.min_pairs < 1:
-            raise ConfigError(f"calibrate.min_pairs: expected >= 1, got {cal.min_pairs}")
-        if cal.batch_size < 1:
-            raise ConfigError(f"calibrate.batch_size: expected >= 1, got {cal.batch_size}")
         if opt.num_children < 2:
             raise ConfigError(f"optimize.num_children: a best/worst pair needs K >= 2, got {opt.num_children}")
 
@@ -165,7 +161,7 @@ def nearest_accuracy(entries: Sequence[dict[str, Any]], timesteps: Sequence[int]
 
 
 def lrm_above_chance(lo: Sequence[Optional[float]], margin: float) -> list[bool]:
-    """The chance gate of DESIGN.md "Threshold calibration": trainable iff the 95% lower bound > 0.5 + margin.
+    """The chance gate of docs/design.md "Threshold calibration": trainable iff the 95% lower bound > 0.5 + margin.
 
     The same rule as ``lpo.calibration.above_chance``, applied to the bounds eval_lrm wrote; None (no pairs
     were evaluated there) is no evidence, so not above chance.
@@ -466,29 +462,13 @@ def run(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lpo calibrate", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", action="append", required=True, metavar="PATH",
-                        help="config YAML; repeat to merge later files over earlier ones")
-    parser.add_argument("--lrm", required=True, metavar="DIR", help="LRM folder (train_lrm's results/<name>/lrm/model)")
-    parser.add_argument("--accuracy", required=True, metavar="JSON", help="eval_lrm's accuracy.json (by_t table)")
-    parser.add_argument("--base", required=True, metavar="DIR", help="base pipeline folder (results/<name>/base)")
-    parser.add_argument("--prompts", required=True, metavar="DIR",
-                        help="prompt source: results/<name>/world (shapes) or data/<dataset> (real worlds)")
-    parser.add_argument("--out", required=True, metavar="JSON", help="output thresholds.json")
-    parser.add_argument("--plot", required=True, metavar="PNG", help="output plot")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        summary = run(load_config(*args.config), args.lrm, args.accuracy, args.base, args.prompts, args.out,
-                      args.plot)
-    except (ConfigError, BackboneError) as err:
-        print(f"calibrate: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--accuracy", required=True, metavar="JSON", help="eval_lrm's accuracy.json (by_t table)")
+        parser.add_argument("--plot", required=True, metavar="PNG", help="output plot")
+
+    return stage_main("calibrate", __doc__,
+                      lambda cfg, a: run(cfg, a.lrm, a.accuracy, a.base, a.prompts, a.out, a.plot), argv, inputs=("lrm", "base", "prompts"), out=("JSON", "output thresholds.json"),
+                      arguments=arguments, user_errors=(BackboneError,))
 
 
 if __name__ == "__main__":

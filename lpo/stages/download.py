@@ -7,16 +7,14 @@ simulated annotator (lpo.generate, which needs the base model folder).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from lpo.config import Config, load_config
+from lpo.config import Config
 from lpo.data.pickapic import download_pickapic
-from lpo.utils import setup_logging
+from lpo.stage_main import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +35,8 @@ def run(cfg: Config, out_dir: str | Path, base_dir: Optional[str | Path] = None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lpo.stages.download", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", action="append", required=True, help="config YAML (repeat to merge)")
-    parser.add_argument("--out", required=True, help="output folder, data/<dataset>/")
-    parser.add_argument("--base", default=None, help="base model folder (shapes source only)")
-    args = parser.parse_args(argv)
-    setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
-    cfg = load_config(*args.config)
-    run(cfg, args.out, args.base)
-    return 0
+    return stage_main("download", __doc__, lambda cfg, a: run(cfg, a.out, a.base), argv,
+                      optional_inputs=("base",), out=("DIR", "output folder, data/<dataset>/ (--base: shapes only)"))
 
 
 if __name__ == "__main__":

@@ -31,14 +31,15 @@ import numpy as np
 import torch
 
 from lpo.calibration import accuracy_ci
-from lpo.config import Config, ConfigError, load_config
+from lpo.config import Config, ConfigError
 from lpo.data.loader import PairLoader
 from lpo.data.shards import ShardError
 from lpo.diffusion import ddim_timesteps
 from lpo.metrics.stats import grouped_bootstrap_ci
 from lpo.reward.lrm import LatentRewardModel
 from lpo.reward.pairs import PairScorer, accuracy_by_t, dedupe, score_pairs
-from lpo.utils import read_json, setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import read_json, write_json
 
 log = logging.getLogger("lpo.eval_lrm")
 
@@ -342,26 +343,16 @@ def _by_attribute(records: list[dict], correct: np.ndarray, decided: np.ndarray,
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lpo eval_lrm", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--config", action="append", required=True, help="config YAML (repeat to merge)")
-    parser.add_argument("--model", required=True, help="LRM folder (train_lrm's model/)")
-    parser.add_argument("--latents", required=True, help="latent shards folder (its test split is evaluated)")
-    parser.add_argument("--spm", default=None, help="SPO's pixel model folder (optional; its curve is added)")
-    parser.add_argument("--data", default=None, help="pairs folder (default: latents.json's data_dir)")
-    parser.add_argument("--base", default=None, help="base model folder, for --spm (default: train_lrm.json's)")
-    parser.add_argument("--out", required=True, help="accuracy JSON")
-    parser.add_argument("--plot", required=True, help="accuracy-vs-t PNG")
-    args = parser.parse_args(argv)
-    setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
-    cfg = load_config(*args.config)
-    try:
-        run(cfg, args.model, args.latents, args.out, args.plot, spm_dir=args.spm, data_dir=args.data,
-            base_dir=args.base)
-    except ShardError as err:
-        raise EvalLrmError(str(err)) from None
-    return 0
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, metavar="DIR", help="LRM folder (train_lrm's model/)")
+        parser.add_argument("--spm", default=None, metavar="DIR", help="SPO's pixel model folder (its curve is added)")
+        parser.add_argument("--plot", required=True, metavar="PNG", help="accuracy-vs-t PNG")
+
+    return stage_main("eval_lrm", __doc__,
+                      lambda cfg, a: run(cfg, a.model, a.latents, a.out, a.plot, spm_dir=a.spm, data_dir=a.data,
+                                         base_dir=a.base),
+                      argv, inputs=("latents",), optional_inputs=("data", "base"), out=("JSON", "accuracy JSON"),
+                      arguments=arguments, user_errors=(ShardError,), summary_keys=())
 
 
 if __name__ == "__main__":

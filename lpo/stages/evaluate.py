@@ -1,4 +1,4 @@
-"""Stage `evaluate`: sample held-out prompts with one model on fixed seeds and score the images (METHOD.md 4).
+"""Stage `evaluate`: sample held-out prompts with one model on fixed seeds and score the images (docs/method.md 4).
 
     lpo evaluate --config CFG --model DIR --base DIR --prompts DIR --lrm DIR --out OUTDIR
 
@@ -44,12 +44,13 @@ import torch
 from tqdm import tqdm
 
 from lpo.backbones import Backbone, BackboneError, load_pipeline_folder
-from lpo.config import Config, ConfigError, EvaluateConfig, load_config
+from lpo.config import Config, ConfigError, EvaluateConfig
 from lpo.diffusion import ddim_timesteps
 from lpo.metrics import oracle_metrics
 from lpo.metrics.scorers import build_scorers
 from lpo.sampling import ddim_sample, decode_images, initial_noise
-from lpo.utils import setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def generate(
 @torch.no_grad()
 def lrm_scores(lrm, latents: torch.Tensor, prompts: Sequence[str], t: int, batch_size: int,
                device: torch.device) -> np.ndarray:
-    """S(p, x_t) of the LRM (METHOD.md section 1) for final latents (N, C, h, w) at timestep t, (N,) float64."""
+    """S(p, x_t) of the LRM (docs/method.md section 1) for final latents (N, C, h, w) at timestep t, (N,) float64."""
     null = lrm.encode_text([""]) if lrm.vfe_scale != 1.0 else None
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -353,27 +354,15 @@ def run(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lpo evaluate", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--config", action="append", required=True, metavar="PATH",
-                        help="config YAML; repeat to deep-merge several (later ones win)")
-    parser.add_argument("--model", required=True, metavar="DIR", help="diffusers pipeline folder of the model")
-    parser.add_argument("--base", required=True, metavar="DIR", help="the base model's pipeline folder")
-    parser.add_argument("--prompts", required=True, metavar="DIR",
-                        help="shapes: results/<name>/world (prompts.json); real: data/<dataset> (parquet)")
-    parser.add_argument("--lrm", default=None, metavar="DIR", help="LRM folder (results/<name>/lrm/model)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (results/<name>/eval/<model>)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(*args.config)
-        run(cfg, Path(args.model), Path(args.base), Path(args.prompts), Path(args.lrm) if args.lrm else None,
-            Path(args.out))
-    except (ConfigError, BackboneError) as err:
-        print(f"lpo evaluate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, metavar="DIR", help="diffusers pipeline folder of the model")
+
+    return stage_main("evaluate", __doc__,
+                      lambda cfg, a: run(cfg, Path(a.model), Path(a.base), Path(a.prompts),
+                                         Path(a.lrm) if a.lrm else None, Path(a.out)),
+                      argv, inputs=("base", "prompts"), optional_inputs=("lrm",),
+                      out=("DIR", "output folder (results/<name>/eval/<model>)"), arguments=arguments,
+                      user_errors=(BackboneError,), summary_keys=())
 
 
 if __name__ == "__main__":

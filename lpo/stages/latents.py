@@ -14,7 +14,6 @@ Outputs: ``<out>/{split}-%06d.tar``, ``<out>/{split}-index.json`` (counts and sk
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import math
@@ -32,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lpo.config import Config, LatentsConfig, load_config, to_dict
+from lpo.config import Config, LatentsConfig, to_dict
 from lpo.data.mpcf import mpcf_breakdown, mpcf_keep, pair_gaps
 from lpo.data.pickapic import (
     AUX_COLUMNS,
@@ -44,7 +43,8 @@ from lpo.data.pickapic import (
     split_from_filename,
 )
 from lpo.data.shards import shard_count, write_shards
-from lpo.utils import atomic_dir, read_json, setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def encode_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def prompt_key(caption: str) -> str:
-    """A stable id of the prompt, for per-prompt loss weighting (METHOD.md section 2)."""
+    """A stable id of the prompt, for per-prompt loss weighting (docs/method.md section 2)."""
     return hashlib.sha1(caption.strip().encode("utf-8")).hexdigest()[:16]
 
 
@@ -122,7 +122,7 @@ def _batches(rows: Iterator[PairRow], size: int) -> Iterator[list[PairRow]]:
 
 
 def _mpcf_filter(batch: list[PairRow], cfg: LatentsConfig, stats: Counter) -> list[PairRow]:
-    """Keep the rows that pass MPCF (METHOD.md section 2); add the breakdown to `stats` as mpcf_*."""
+    """Keep the rows that pass MPCF (docs/method.md section 2); add the breakdown to `stats` as mpcf_*."""
     gaps = np.array([pair_gaps(r.aux, r.label_0, r.label_1) for r in batch])  # (N, 3)
     is_tie = np.array([r.is_tie for r in batch])
     args = (gaps[:, 0], gaps[:, 1], gaps[:, 2], is_tie, cfg.mpcf.strategy, cfg.mpcf.keep_ties)
@@ -287,19 +287,8 @@ def run(cfg: Config, data_dir: str | Path, base_dir: str | Path, out_dir: str | 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lpo.stages.latents", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", action="append", required=True, help="config YAML (repeat to merge)")
-    parser.add_argument("--data", required=True, help="folder of Pick-a-Pic schema parquet files")
-    parser.add_argument("--base", required=True, help="base model folder (diffusers pipeline with vae/)")
-    parser.add_argument("--out", required=True, help="output folder of the shards")
-    args = parser.parse_args(argv)
-    setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
-    cfg = load_config(*args.config)
-    run(cfg, args.data, args.base, args.out)
-    return 0
+    return stage_main("latents", __doc__, lambda cfg, a: run(cfg, a.data, a.base, a.out), argv,
+                      inputs=("data", "base"), out=("DIR", "output folder of the shards"), summary_keys=())
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ import pyarrow.parquet as pq
 import torch
 
 from lpo.backbones import BackboneError, load_pipeline_folder
-from lpo.config import Config, ConfigError, load_config, to_dict
+from lpo.config import Config, ConfigError, to_dict
 from lpo.data.pickapic import SPLIT_NAMES, split_from_filename
 from lpo.methods import METHODS, Method, MethodInputs, get_method
 from lpo.policy import WEIGHT_DTYPES, build_policy, check_policy_config
-from lpo.utils import atomic_dir, read_json, seed_everything, setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import atomic_dir, file_digest, read_json, seed_everything, write_json
 
 log = logging.getLogger("lpo.optimize")
 
@@ -93,18 +94,22 @@ def data_prompts(data_dir: Path) -> list[str]:
 
 
 def path_signature(path: Optional[Path]) -> Optional[list]:
-    """(relative path, size, mtime) of every file under `path`: cheap, and changes when an upstream rule reruns."""
+    """(relative path, content digest) of every file under `path` (lpo.utils.file_digest: whole small files,
+    size and both ends of big ones): changes when an upstream rule writes other content, not when it only
+    rewrites the same bytes."""
     if path is None or not Path(path).exists():
         return None
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [[str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return [[str(f.relative_to(path)) if f != path else f.name, file_digest(f)] for f in files]
 
 
 def run_fingerprint(cfg: Config, method: str, inputs: MethodInputs) -> dict:
     """What a checkpoint in the work folder must have been trained with to be resumed: the method, the seed,
-    the optimize section (except the budget keys iterations and checkpoint_every) and the inputs' files."""
-    section = {k: v for k, v in to_dict(cfg.optimize).items() if k not in ("iterations", "checkpoint_every")}
+    the shared optimize keys (except the budget keys iterations and checkpoint_every) with the method's own
+    section (not the other methods'), and the inputs' files."""
+    section = {k: v for k, v in to_dict(cfg.optimize).items()
+               if k not in ("iterations", "checkpoint_every") and (k not in METHODS or k == method)}
     paths = {"base": inputs.base_dir, "lrm": inputs.lrm_dir, "thresholds": inputs.thresholds, "spm": inputs.spm_dir,
              "latents": inputs.latents_dir, "world": inputs.world_dir, "data": inputs.data_dir}
     return {"method": method, "seed": cfg.experiment.seed, "optimize": section,
@@ -208,35 +213,23 @@ def run(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="lpo optimize", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", action="append", required=True, metavar="PATH",
-                        help="config YAML; repeat to deep-merge several (later ones win)")
-    parser.add_argument("--method", required=True, choices=list(METHODS), help="preference-optimisation method")
-    parser.add_argument("--base", required=True, metavar="DIR", help="base pipeline folder (results/<name>/base)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--world", metavar="DIR", help="shapes: synthesize output (train-split prompts)")
-    source.add_argument("--data", metavar="DIR", help="real worlds: downloaded parquet folder (train captions)")
-    parser.add_argument("--lrm", metavar="DIR", help="lpo, grpo: LRM folder (train_lrm output)")
-    parser.add_argument("--thresholds", metavar="JSON", help="lpo, grpo: calibrate's thresholds.json")
-    parser.add_argument("--spm", metavar="DIR", help="spo: step-aware pixel reward model folder")
-    parser.add_argument("--latents", metavar="DIR", help="dpo: latent shards folder")
-    parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints/, tb/, summary.json")
-    parser.add_argument("--out", required=True, metavar="DIR", help="merged pipeline folder (+ lora/)")
-    args = parser.parse_args(argv)
-    cfg = load_config(*args.config)
-    accelerator = make_accelerator(cfg)
-    setup_logging(accelerator.is_main_process)
-    try:
-        summary = run(cfg, args.method, args.base, args.workdir, args.out, world_dir=args.world,
-                      data_dir=args.data, lrm_dir=args.lrm, thresholds=args.thresholds, spm_dir=args.spm,
-                      latents_dir=args.latents, accelerator=accelerator)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if accelerator.is_main_process:
-        print(json.dumps({k: summary[k] for k in ("method", "iterations", "tuples_kept", "loss_last") if k in summary}))
-    return 0
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--method", required=True, choices=list(METHODS), help="preference-optimisation method")
+        source = parser.add_mutually_exclusive_group(required=True)
+        source.add_argument("--world", metavar="DIR", help="shapes: synthesize output (train-split prompts)")
+        source.add_argument("--data", metavar="DIR", help="real worlds: downloaded parquet folder (train captions)")
+        parser.add_argument("--lrm", metavar="DIR", help="lpo, grpo: LRM folder (train_lrm output)")
+        parser.add_argument("--thresholds", metavar="JSON", help="lpo, grpo: calibrate's thresholds.json")
+        parser.add_argument("--spm", metavar="DIR", help="spo: step-aware pixel reward model folder")
+        parser.add_argument("--latents", metavar="DIR", help="dpo: latent shards folder")
+        parser.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints/, tb/, summary.json")
+
+    return stage_main("optimize", __doc__,
+                      lambda cfg, a: run(cfg, a.method, a.base, a.workdir, a.out, world_dir=a.world, data_dir=a.data,
+                                         lrm_dir=a.lrm, thresholds=a.thresholds, spm_dir=a.spm,
+                                         latents_dir=a.latents),
+                      argv, inputs=("base",), out=("DIR", "merged pipeline folder (+ lora/)"), arguments=arguments,
+                      summary_keys=("method", "iterations", "tuples_kept", "loss_last"))
 
 
 if __name__ == "__main__":

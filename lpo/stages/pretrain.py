@@ -11,12 +11,14 @@ A killed run restarts from its last checkpoint and ends with the same weights (f
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
+
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,10 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lpo import backbones
-from lpo.config import Config, ConfigError, load_config
+from lpo.config import Config, ConfigError
 from lpo.metrics.stats import bootstrap_ci
 from lpo.sampling import ddim_sample, decode_images, images_to_tensor, initial_noise
-from lpo.utils import atomic_dir, read_json, seed_everything, setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import atomic_dir, read_json, seed_everything, write_json
 from lpo.world import oracle
 
 log = logging.getLogger("lpo.pretrain")
@@ -258,12 +261,10 @@ def run(cfg: Config, world_dir: str | Path, out_dir: str | Path) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lpo pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", required=True, help="experiment YAML (repeat to merge)")
-    parser.add_argument("--world", required=True, help="output folder of the synthesize stage")
-    parser.add_argument("--out", required=True, help="work folder: weights/, metrics.json, checkpoints/, tb/")
-    args = parser.parse_args(argv)
-    setup_logging()
-    run(load_config(*args.config), args.world, args.out)
-    return 0
+def main(argv: Optional[list[str]] = None) -> int:
+    return stage_main("pretrain", __doc__, lambda cfg, a: run(cfg, a.world, a.out), argv, inputs=("world",),
+                      out=("DIR", "work folder: weights/, metrics.json, checkpoints/, tb/"), summary_keys=())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

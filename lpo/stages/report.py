@@ -14,7 +14,7 @@ Reads whatever the experiment has produced and says what is missing instead of f
   -> figures/training_curves.png; and the scalars of summary.json files;
 - benchmarks/*.tsv (Snakemake `benchmark:` files) -> wall and CPU seconds per stage and per method, reward
   model included (LPO = train_lrm + eval_lrm + calibrate + optimize_lpo, SPO = train_spm + optimize_spo,
-  DPO = optimize_dpo; METHOD.md section 4, Tab. 6), quality per compute, figures/compute.png.
+  DPO = optimize_dpo; docs/method.md section 4, Tab. 6), quality per compute, figures/compute.png.
 
 Every figure in FIGURES is always written (a placeholder that names the missing input when there is no data),
 because the Snakemake rule declares them as outputs.
@@ -35,15 +35,20 @@ from typing import Optional
 
 import numpy as np
 
-from lpo.config import Config, ConfigError, load_config
+from lpo.config import Config, ConfigError
 from lpo.metrics.scorers import display_name
 from lpo.methods import METHODS
-from lpo.utils import setup_logging
+from lpo.stage_main import stage_main
 
 log = logging.getLogger(__name__)
 
 FIG_DIR = "figures"
 FIGURES = ("metrics.png", "metrics_table.png", "grid.png", "training_curves.png", "compute.png")
+
+
+def uses_spm(methods: list[str]) -> bool:
+    """Whether a method of the experiment reads SPO's pixel model (its training log and accuracy plot exist)."""
+    return any("spm" in METHODS[m].inputs for m in methods if m in METHODS)
 
 
 def method_stages(method: str, bench: dict[str, dict]) -> tuple[str, ...]:
@@ -223,7 +228,7 @@ def moving_average(x: np.ndarray, y: np.ndarray, window: int) -> tuple[np.ndarra
 def training_logs(results: Path, methods: list[str], missing: list[str]) -> list[dict]:
     """Every *.jsonl and summary.json under the training stages' folders, as {stage, path, ...} entries."""
     folders = {"train_lrm": results / "lrm"}
-    if "spo" in methods:
+    if uses_spm(methods):
         folders["train_spm"] = results / "spm"
     folders.update({f"optimize_{m}": results / "optimize" / m for m in methods})
     found = []
@@ -712,7 +717,7 @@ def run(cfg: Config, results_dir: Path, out_path: Path) -> dict:
     # ---- reward model and thresholds ----
     md += ["", "## Latent reward model and thresholds", ""]
     stage_plots = [("lrm/accuracy_by_t.png", "LRM accuracy by timestep (eval_lrm)")]
-    if "spo" in methods:
+    if uses_spm(methods):
         stage_plots.append(("spm/reward_models_by_t.png", "LRM vs SPO's pixel model by timestep (eval_spm)"))
     stage_plots.append(("calibration/thresholds.png", "Thresholds th(t) (calibrate)"))
     for rel, what in stage_plots:
@@ -788,21 +793,11 @@ def run(cfg: Config, results_dir: Path, out_path: Path) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lpo report", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--config", action="append", required=True, metavar="PATH",
-                        help="config YAML; repeat to deep-merge several (later ones win)")
-    parser.add_argument("--results", required=True, metavar="DIR", help="the experiment's folder, results/<name>")
-    parser.add_argument("--out", required=True, metavar="PATH", help="markdown file (results/<name>/report.md)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        run(load_config(*args.config), Path(args.results), Path(args.out))
-    except ConfigError as err:
-        print(f"lpo report: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--results", required=True, metavar="DIR", help="the experiment's folder, results/<name>")
+
+    return stage_main("report", __doc__, lambda cfg, a: run(cfg, Path(a.results), Path(a.out)), argv,
+                      out=("PATH", "markdown file (results/<name>/report.md)"), arguments=arguments, summary_keys=())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ teacher. Enabled by `sibling_lrm.enabled`; then LPO's calibrate and optimize rea
    with deterministic DDIM and judged (oracle + the annotator's noiseless reward, as calibrate's rollout mode).
    Every sibling pair whose rewards differ by >= annotator.tie_margin is a preference pair (winner, loser,
    parent t, prompt). With `labels: annotator` a train pair is ordered by one draw of the simulated annotator.
-2. training: Bradley-Terry (METHOD.md §2 "Loss", lpo.losses.bradley_terry_loss with strict labels), children
+2. training: Bradley-Terry (docs/method.md §2 "Loss", lpo.losses.bradley_terry_loss with strict labels), children
    scored at the parent's t (LPO's `optimize.lpo.lrm_timestep: parent`), AdamW on the encoder half and the heads.
 3. held out: the pairs of every `held_out_every`-th prompt are never trained on; their concordance (share
    ordered like the noiseless judge), overall and per quarter of the timestep range, is measured every
@@ -24,7 +24,6 @@ sibling_lrm.json (pairs, concordance history, timings).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -37,13 +36,14 @@ from tqdm import tqdm
 
 from lpo.backbones import BackboneError, load_pipeline_folder, load_scheduler
 from lpo.branching import branching_steps
-from lpo.config import Config, ConfigError, load_config, to_dict
+from lpo.config import Config, ConfigError, to_dict
 from lpo.diffusion import ddim_timesteps
 from lpo.losses import bradley_terry_loss
 from lpo.methods.engine import NUM_BUCKETS, timestep_bucket
 from lpo.reward.lrm import LatentRewardModel, check_lrm_dir
 from lpo.sampling import ddim_rollout, decode_images
-from lpo.utils import atomic_dir, read_json, setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import atomic_dir, read_json, write_json
 from lpo.world.annotator import annotate
 from lpo.world.judge import shapes_judge
 
@@ -267,27 +267,15 @@ def run(cfg: Config, base_dir: str | Path, lrm_dir: str | Path, world_dir: str |
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lpo sibling_lrm", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", action="append", required=True, metavar="PATH",
-                        help="config YAML; repeat to merge later files over earlier ones")
-    parser.add_argument("--base", required=True, metavar="DIR", help="base pipeline folder (makes the rollouts)")
-    parser.add_argument("--lrm", required=True, metavar="DIR", help="LRM folder to start from (train_lrm's model/)")
-    parser.add_argument("--world", required=True, metavar="DIR", help="shapes world folder (synthesize's prompts.json)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: model/ and sibling_lrm.json")
-    parser.add_argument("--rollouts", default=None, metavar="NPZ",
-                        help="cache of the judged rollouts: loaded if the file exists, written after computing if not")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        summary = run(load_config(*args.config), args.base, args.lrm, args.world, args.out, args.rollouts)
-    except (ConfigError, BackboneError) as err:
-        print(f"sibling_lrm: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
-    return 0
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--rollouts", default=None, metavar="NPZ",
+                            help="cache of the judged rollouts: loaded if the file exists, else written")
+
+    return stage_main("sibling_lrm", __doc__,
+                      lambda cfg, a: {k: v for k, v in run(cfg, a.base, a.lrm, a.world, a.out, a.rollouts).items()
+                                      if k != "history"},
+                      argv, inputs=("base", "lrm", "world"), out=("DIR", "output folder: model/ and sibling_lrm.json"),
+                      arguments=arguments, user_errors=(BackboneError,))
 
 
 if __name__ == "__main__":

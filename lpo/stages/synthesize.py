@@ -16,8 +16,8 @@ Pretraining triples appear equally often (+-1).
 
 from __future__ import annotations
 
-import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,8 +25,9 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from lpo.config import Config, ConfigError, SynthesizeConfig, load_config, to_dict
-from lpo.utils import atomic_dir, setup_logging, write_json
+from lpo.config import Config, ConfigError, SynthesizeConfig, to_dict
+from lpo.stage_main import stage_main
+from lpo.utils import atomic_dir, write_json
 from lpo.world.prompts import (
     Triple,
     all_triples,
@@ -160,18 +161,9 @@ def load_corpus(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lpo.stages.synthesize", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", action="append", required=True, metavar="PATH",
-                        help="config YAML; repeat to merge later files over earlier ones")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (prompts.json, corpus.npz)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    run(load_config(*args.config), args.out)
-    return 0
+    return stage_main("synthesize", __doc__, lambda cfg, a: run(cfg, a.out), argv,
+                      out=("DIR", "output folder (prompts.json, corpus.npz)"), summary_keys=())
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

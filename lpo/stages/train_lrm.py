@@ -1,12 +1,12 @@
-"""Stage `train_lrm`: train the Latent Reward Model on latent preference pairs (METHOD.md sections 1, 2).
+"""Stage `train_lrm`: train the Latent Reward Model on latent preference pairs (docs/method.md sections 1, 2).
 
 The LRM starts from the base model (``load_pipeline_folder(base)`` -> ``LatentRewardModel.from_backbone``) and
 is trained with the Bradley-Terry loss (ties as (0.5, 0.5), per-prompt reweighting over the global batch).
 Each step draws both latents of a pair from their stored VAE posterior (mean + std * noise) and noises them
-to the SAME timestep with INDEPENDENT noise (METHOD.md section 2, "Noising"; lpo.diffusion.noisy_pair, the step
+to the SAME timestep with INDEPENDENT noise (docs/method.md section 2, "Noising"; lpo.diffusion.noisy_pair, the step
 in lpo.training.lrm, the scorer and validation protocol in lpo.reward.pairs); timesteps come from the
 backbone's DDIM grid (official code) or uniformly from [0, T), with the upper half up-weighted by
-``train_lrm.high_t_weight`` (LPO-PROTOTYPE.md, trap 4: the prototype's LRM was blind at high t).
+``train_lrm.high_t_weight`` (docs/prototype.md, trap 4: the prototype's LRM was blind at high t).
 
 Outputs in the work folder (--out):
 - ``model/``: the best LatentRewardModel by validation accuracy (``LatentRewardModel.from_pretrained``),
@@ -31,9 +31,7 @@ which starts ONE process when mpirun is absent).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -43,32 +41,29 @@ import torch
 
 from lpo.checkpoint import fingerprint as checkpoint_fingerprint
 from lpo.checkpoint import input_digest
-from lpo.config import Config, ConfigError, load_config, to_dict
+from lpo.config import Config, ConfigError, to_dict
 from lpo.data.loader import PairLoader
 from lpo.data.shards import ShardError
 from lpo.diffusion import ddim_timesteps
-from lpo.losses import bradley_terry_loss  # noqa: F401 - tests patch it through lpo.training.lrm
 from lpo.reward.lrm import LatentRewardModel
 from lpo.reward.pairs import PairScorer, accuracy_by_t, dedupe, score_pairs
-from lpo.training.lrm import (  # noqa: F401 - re-exported: the stage's pure functions
+from lpo.training.lrm import (
     LrmStep,
     candidate_timesteps,
-    sample_timesteps,
     set_frozen_eval,
     timestep_weights,
     validation_timesteps,
     warmup_factor,
 )
-from lpo.training.trainer import (  # noqa: F401 - re-exported
+from lpo.training.trainer import (
     PairTrainer,
     StepContext,
     TrainerSettings,
-    local_loss_scale,
-    step_generator,
     sum_over_ranks,
     timing,
 )
-from lpo.utils import setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import write_json
 
 log = logging.getLogger("lpo.train_lrm")
 
@@ -238,22 +233,11 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lpo train_lrm", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", action="append", required=True, help="config YAML (repeat to merge)")
-    parser.add_argument("--latents", required=True, help="latent shards folder (precompute_latents output)")
-    parser.add_argument("--base", required=True, help="base model pipeline folder (results/<name>/base)")
-    parser.add_argument("--out", required=True, help="work folder: model/, checkpoints/, tb/, train_log.jsonl")
-    args = parser.parse_args(argv)
-    setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
-    cfg = load_config(*args.config)
-    try:
-        run(cfg, args.latents, args.base, args.out)
-    except ShardError as err:  # a corrupt shard found mid-epoch: one line, like other input errors
-        raise TrainLrmError(str(err)) from None
-    return 0
+    # a corrupt shard found mid-epoch (ShardError) is one line, like other input errors
+    return stage_main("train_lrm", __doc__, lambda cfg, a: run(cfg, a.latents, a.base, a.out), argv,
+                      inputs=("latents", "base"),
+                      out=("DIR", "work folder: model/, checkpoints/, tb/, train_log.jsonl"),
+                      user_errors=(ShardError,), summary_keys=())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     lpo train_spm --config CFG --latents DIR --base DIR [--world DIR] --out WORKDIR
 
-METHOD.md section 5 (SPO, SPM); RockeyCoss/SPO spm_task.py. SPO's SPM starts from PickScore, a CLIP
+docs/method.md section 5 (SPO, SPM); RockeyCoss/SPO spm_task.py. SPO's SPM starts from PickScore, a CLIP
 pretrained on image-text pairs; the shapes world has no such model. With train_spm.clip_steps > 0 the small
 SPM is first pretrained CLIP-style (``clip_contrastive_loss``) on the base model's pretraining corpus
 (--world: corpus.npz, renders with their captions, t = 0), as the LRM starts from the pretrained U-Net
@@ -33,9 +33,7 @@ ignored (training starts over, with a warning).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 import time
 from collections import OrderedDict
@@ -49,7 +47,7 @@ from tqdm import tqdm
 from lpo.backbones import Backbone, BackboneError, PromptEmbeds, load_pipeline_folder
 from lpo.checkpoint import fingerprint as checkpoint_fingerprint
 from lpo.checkpoint import input_digest
-from lpo.config import Config, ConfigError, load_config, to_dict
+from lpo.config import Config, ConfigError, to_dict
 from lpo.data.loader import PairLoader
 from lpo.data.shards import ShardError
 from lpo.losses import bradley_terry_loss
@@ -63,7 +61,8 @@ from lpo.reward.pixel import (
 )
 from lpo.sampling import images_to_tensor
 from lpo.training.trainer import PairTrainer, StepContext, StepResult, TrainerSettings, now
-from lpo.utils import setup_logging, write_json
+from lpo.stage_main import stage_main
+from lpo.utils import write_json
 
 log = logging.getLogger("lpo.train_spm")
 
@@ -218,8 +217,7 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
     c = cfg.train_spm
     latents_dir, base_dir, out_dir = Path(latents_dir), Path(base_dir), Path(out_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    is_main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
-                                    accelerator.num_processes, accelerator.device)
+    is_main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     seed = cfg.experiment.seed
     try:
         train_loader = PairLoader(latents_dir, "train", c.batch_size, seed=seed, shuffle=True)
@@ -267,7 +265,7 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
                 "n": n}
 
     def step_fn(batch: dict[str, Any], gen: torch.Generator, w: torch.Tensor) -> StepResult:
-        """METHOD.md section 5: posterior sample, shared noise at t ~ U{0..t_max-1}, one CFG step, decode, SPM."""
+        """docs/method.md section 5: posterior sample, shared noise at t ~ U{0..t_max-1}, one CFG step, decode, SPM."""
         b = len(batch["keys"])
         eps_post = torch.randn(batch["mean"].shape, generator=gen)  # (B, 2, C, h, w)
         t = torch.randint(0, c.t_max, (b,), generator=gen)  # (B,)
@@ -351,25 +349,10 @@ def run(cfg: Config, latents_dir: str | Path, base_dir: str | Path, out_dir: str
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="lpo train_spm", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", action="append", required=True, metavar="PATH",
-                        help="config YAML; repeat to deep-merge several (later ones win)")
-    parser.add_argument("--latents", required=True, metavar="DIR", help="latent shards (precompute_latents output)")
-    parser.add_argument("--base", required=True, metavar="DIR", help="base pipeline folder (results/<name>/base)")
-    parser.add_argument("--world", metavar="DIR",
-                        help="shapes: synthesize output (corpus.npz) for the CLIP warm start (train_spm.clip_steps)")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="work folder: model/, summary.json, train_log.jsonl, tb/, checkpoints/")
-    args = parser.parse_args(argv)
-    cfg = load_config(*args.config)
-    setup_logging(int(os.environ.get("RANK", "0")) == 0)
-    try:
-        run(cfg, args.latents, args.base, args.out, world_dir=args.world)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+    return stage_main("train_spm", __doc__, lambda cfg, a: run(cfg, a.latents, a.base, a.out, world_dir=a.world), argv,
+                      inputs=("latents", "base"), optional_inputs=("world",),
+                      out=("DIR", "work folder: model/, summary.json, train_log.jsonl, tb/, checkpoints/"),
+                      user_errors=(ShardError,), summary_keys=())
 
 
 if __name__ == "__main__":

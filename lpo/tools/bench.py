@@ -1,10 +1,10 @@
 """Tool `bench`: what a sampling step and an LRM training step cost, LPO vs SPO, measured side by side.
 
-Issue #8 item 6; METHOD.md section 4 (Tab. 5: one sampling step with K = 4 on an A100, SPO 0.243 s vs LPO
+Issue #8 item 6; docs/method.md section 4 (Tab. 5: one sampling step with K = 4 on an A100, SPO 0.243 s vs LPO
 0.039 s, ~6x) and section 5 (SPO's scorer). Timed on the real code paths, with random weights (the cost
 of a forward does not depend on the values):
 
-- ``lpo_step`` / ``spo_step``: ONE step of ``lpo.methods.lpo.branching_rollout`` (a one-step plan at the grid
+- ``lpo_step`` / ``spo_step``: ONE step of ``lpo.methods.engine.branching_rollout`` (a one-step plan at the grid
   timestep nearest T/2 that both methods train) with the real scorers: ``LrmScorer`` (one CFG U-Net pass of
   the LoRA policy, then the LRM on all B x K children in one batch) and ``lpo.methods.spo.SpoScorer`` (plus,
   per child, a CFG U-Net pass at the child's timestep, a VAE decode of its x0-hat and the step-aware pixel
@@ -79,8 +79,9 @@ from lpo.data.loader import PairLoader
 from lpo.data.shards import write_shards
 from lpo.diffusion import ddim_timesteps
 from lpo.losses import per_prompt_weights
-from lpo.methods.lpo import LrmScorer, StepPlan, branching_rollout
-from lpo.methods.spo import SpoCost, SpoScorer
+from lpo.methods.engine import LrmScorer, StepPlan, branching_rollout
+from lpo.methods.lpo import Lpo
+from lpo.methods.spo import Spo, SpoCost, SpoScorer
 from lpo.policy import WEIGHT_DTYPES, build_policy
 from lpo.reward.lrm import LatentRewardModel
 from lpo.reward.pixel import StepAwarePixelModel
@@ -339,7 +340,7 @@ def bench_plan(timesteps: Sequence[int], prev: Sequence[int], spo_t_max: int, nu
     pair is kept, so the tuple bookkeeping is timed too."""
     steps = [(int(t), int(p)) for t, p in zip(timesteps, prev) if t <= spo_t_max and p > 0]
     if not steps:
-        raise ConfigError(f"optimize.spo_t_max={spo_t_max}: no step of the grid {list(timesteps)} is trained by SPO")
+        raise ConfigError(f"optimize.spo.t_max={spo_t_max}: no step of the grid {list(timesteps)} is trained by SPO")
     t, p = min(steps, key=lambda tp: abs(tp[0] - num_train_timesteps // 2))
     return StepPlan((t,), (p,), (0.0,), (True,))
 
@@ -387,7 +388,7 @@ def bench_sampling(size: str, cfg: Config, opts: BenchOptions, device: torch.dev
                              attn_implementation=spm.clip.config._attn_implementation)
 
     timesteps, prev = ddim_timesteps(bb.scheduler, oc.ddim_steps)
-    plan = bench_plan(timesteps.tolist(), prev.tolist(), oc.spo_t_max, bb.scheduler.config.num_train_timesteps)
+    plan = bench_plan(timesteps.tolist(), prev.tolist(), oc.spo.t_max, bb.scheduler.config.num_train_timesteps)
     prompts, b, k = _prompts(opts.batch), opts.batch, opts.children
     with torch.no_grad():
         cond = bb.encode_prompts(prompts).to(device)
@@ -400,10 +401,15 @@ def bench_sampling(size: str, cfg: Config, opts: BenchOptions, device: torch.dev
     spo_cost = SpoCost()
     spo_scorer = SpoScorer(spm, bb, prompts, uncond, oc.cfg, k, spo_cost)
 
-    def step(scorer: Any, which: str) -> list:
+    # the methods' own selection and scoring timestep (LPO: the parent's t, SPO: the child's); the scorers are
+    # built here so that their work is counted per call
+    lpo_method = Lpo(oc.lpo, lrm, k)
+    spo_method = Spo(oc.spo, spm, bb, uncond, oc.cfg, k)
+
+    def step(scorer: Any, method: Any) -> list:
         with torch.inference_mode(), _autocast(device, dtype):
             _, records = branching_rollout(policy.unet, bb.scheduler, cond, uncond, x_t, plan, oc.cfg, oc.eta, k,
-                                           scorer, generator, which)
+                                           scorer, generator, method)
         return records
 
     out: dict[str, Any] = {"models": models, "timestep": plan.timesteps[0], "timestep_prev": plan.prev[0]}
@@ -411,9 +417,8 @@ def bench_sampling(size: str, cfg: Config, opts: BenchOptions, device: torch.dev
     counters = {"unet": RowCounter(bb.unet), "lrm": RowCounter(lrm.visual_proj),
                 "vae_decode": RowCounter(bb.vae.decoder), "pixel": RowCounter(spm.image)}
     totals = {m: {name: [0, 0] for name in counters} for m in ("lpo", "spo")}
-    # LPO scores at the parent's t (official code); SPO at the child's (spo.train's lrm_timestep = "child").
-    fns = {"lpo": counted(lambda: step(lrm_scorer, oc.lrm_timestep), counters, totals["lpo"]),
-           "spo": counted(lambda: step(spo_scorer, "child"), counters, totals["spo"])}
+    fns = {"lpo": counted(lambda: step(lrm_scorer, lpo_method), counters, totals["lpo"]),
+           "spo": counted(lambda: step(spo_scorer, spo_method), counters, totals["spo"])}
     try:
         measured = measure(fns, opts.repeats, opts.warmup, device)
     finally:
@@ -618,7 +623,7 @@ def bench_size(size: str, cfg: Config, opts: BenchOptions, device: torch.device)
     oc = cfg.optimize
     return {
         "settings": {"cfg": oc.cfg, "eta": oc.eta, "ddim_steps": oc.ddim_steps, "vfe_scale": cfg.lrm.vfe_scale,
-                     "lora_rank": None if oc.full_finetune else oc.lora.rank, "lrm_timestep_lpo": oc.lrm_timestep,
+                     "lora_rank": None if oc.full_finetune else oc.lora.rank, "lrm_timestep_lpo": oc.lpo.lrm_timestep,
                      "timestep": sampling.pop("timestep"), "timestep_prev": sampling.pop("timestep_prev"),
                      "prompts_per_step": opts.batch, "children": opts.children, "train_pairs": opts.train_batch},
         "models": sampling.pop("models"),

@@ -1,7 +1,7 @@
-"""The LRM's training step (METHOD.md section 2), shared by the train_lrm stage and the bench tool.
+"""The LRM's training step (docs/method.md section 2), shared by the train_lrm stage and the bench tool.
 
 Timesteps come from the backbone's DDIM grid (official code) or uniformly from [0, T), with the upper half
-up-weighted by ``train_lrm.high_t_weight`` (LPO-PROTOTYPE.md, trap 4: the prototype's LRM was blind at high t).
+up-weighted by ``train_lrm.high_t_weight`` (docs/prototype.md, trap 4: the prototype's LRM was blind at high t).
 Each step draws both latents of a pair from their stored VAE posterior (mean + std * noise) and noises them to
 the SAME timestep with INDEPENDENT noise (lpo.diffusion.noisy_pair), then scores them with the LRM
 (lpo.reward.pairs.PairScorer) and takes the weighted Bradley-Terry loss (``LrmStep``).
@@ -23,7 +23,7 @@ from lpo.training.trainer import StepResult
 
 
 def candidate_timesteps(mode: str, grid: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """Training timesteps, METHOD.md section 2: the DDIM grid (official code, {1, 51, ..., 951} for SD1.5) or
+    """Training timesteps, docs/method.md section 2: the DDIM grid (official code, {1, 51, ..., 951} for SD1.5) or
     every t in [0, T) (the paper's U(0, T)). Returns (N,) int64, ascending."""
     if mode == "ddim_grid":
         return torch.sort(grid.to(torch.int64)).values

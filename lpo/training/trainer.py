@@ -1,4 +1,4 @@
-"""The pair-trainer scaffold shared by train_lrm and train_spm (METHOD.md sections 2 and 5).
+"""The pair-trainer scaffold shared by train_lrm and train_spm (docs/method.md sections 2 and 5).
 
 A stage supplies its model (the trainable module, its optimiser and parameters), a step function (the
 Bradley-Terry loss on one batch of latent pairs: ``StepFn``), a validation function (``ValidateFn``), how to
@@ -21,7 +21,7 @@ the same step with the same one-line error (naming the last good checkpoint), an
 the weights; the same for a non-finite gradient norm (except under fp16, whose loss scaler skips those steps).
 
 DDP weighting of the per-prompt weights (a choice; see ``prompt_weights``): the weights are computed over the
-GLOBAL batch (the prompt keys gathered over the processes, METHOD.md section 2: "gathered over GPUs"), and each
+GLOBAL batch (the prompt keys gathered over the processes, docs/method.md section 2: "gathered over GPUs"), and each
 process's locally normalised loss is scaled to its share of the global weighted sum, so that DDP's gradient
 average is the gradient of the global weighted loss: a prompt's weight does not depend on how the batch was
 split over processes. Under one process this is per_prompt_weights of the batch, times its sum.
@@ -69,7 +69,7 @@ def local_loss_scale(local_weights: torch.Tensor, world_size: int) -> float:
     """Factor that turns the local weighted mean into this rank's share of the global weighted loss.
 
     bradley_terry_loss normalises weights locally: L_loc = sum_loc w L / sum_loc w. With w normalised over
-    the global batch (per_prompt_weights of the gathered keys, METHOD.md section 2: "gathered over GPUs") and
+    the global batch (per_prompt_weights of the gathered keys, docs/method.md section 2: "gathered over GPUs") and
     DDP averaging gradients over ranks, L_loc * world * sum_loc w has the gradient of sum_global w L.
     """
     return float(world_size * local_weights.sum())

@@ -1,6 +1,6 @@
 """The shapes world's simulated annotator: a noisy Bradley-Terry labeller over the oracle's judgement.
 
-Reward r = alignment + lambda * quality (DESIGN.md, "The shapes world"), with
+Reward r = alignment + lambda * quality (docs/design.md, "The shapes world"), with
 alignment = mean of the three *hard* attribute correctnesses (fg colour, shape, bg colour) in {0, 1/3, 2/3, 1}.
 Hard, not soft (the oracle's confidences), because:
   - it is what a person answers ("is it a red circle?"), and what the evaluation stage reports, so labels and
@@ -41,7 +41,7 @@ def alignment(judgement: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def reward(judgement: dict[str, np.ndarray], cfg: AnnotatorConfig) -> np.ndarray:
-    """r = alignment + lambda * quality (DESIGN.md, simulated annotator), (N,)."""
+    """r = alignment + lambda * quality (docs/design.md, simulated annotator), (N,)."""
     return alignment(judgement) + cfg.quality_weight * np.asarray(judgement["quality"], dtype=np.float64)
 
 

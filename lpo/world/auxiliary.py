@@ -1,4 +1,4 @@
-"""Auxiliary per-image scorers for MPCF (METHOD.md section 2), stand-ins for the paper's three:
+"""Auxiliary per-image scorers for MPCF (docs/method.md section 2), stand-ins for the paper's three:
 
 - "aesthetic" (LAION aesthetic predictor), 0..10: technical quality plus a composition taste that the
   annotator does not have: 10 * (0.7 quality + 0.3 composition), composition = centring x size preference.

@@ -30,7 +30,7 @@ SHIPPED_SHAPES_BASE = "lpo/assets/shapes_base"
 # How rules start Python. With --use-conda: the env's `python`; otherwise the interpreter running Snakemake (the
 # venv's, even when Snakemake was started as .venv/bin/snakemake without activating the venv: a bare `python`
 # would then be the system one, without the lock's packages). PYTHONPATH is inline because Snakemake drops an
-# exported one for conda jobs (ECOSYSTEM.md section 5), and with --use-conda `lpo` itself is not installed.
+# exported one for conda jobs (docs/ecosystem.md section 5), and with --use-conda `lpo` itself is not installed.
 USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 PYTHON = "python" if USES_CONDA else sys.executable
 PY = f"PYTHONPATH={workflow.basedir} {PYTHON}"
@@ -186,6 +186,6 @@ def report_inputs(wildcards):
         "lrm_accuracy": f"{RES}/lrm/accuracy.json",
         "thresholds": f"{RES}/calibration/thresholds.json",
     }
-    if "spo" in METHODS:
+    if any("spm" in method_spec(m).inputs for m in METHODS):  # eval_spm: the pixel model next to the LRM
         inputs["reward_models"] = f"{RES}/spm/accuracy.json"
     return inputs
