@@ -32,7 +32,7 @@ from lpo.utils import atomic_dir, write_json
 from lpo.world import annotator, auxiliary, oracle
 from lpo.world.prompts import format_prompt, split_triples
 
-log = logging.getLogger("lpo.download_shapes")
+log = logging.getLogger("lpo.generate")
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
 

@@ -11,7 +11,7 @@ reward (the judge of `calibrate.mode: rollout`). Per step it reports, over all K
 - ``nontie_share``: the share of sibling pairs whose rollouts the judge tells apart (|r_i - r_j| >= tie_margin);
 - ``concordance[scorer]``: among those, the share the scorer orders like the judge (0.5 = blind), with a
   Wilson 95% interval, for three scorers of the child:
-  ``lrm_parent`` the LRM at the parent's t (what LPO does by default, `optimize.lrm_timestep: parent`),
+  ``lrm_parent`` the LRM at the parent's t (what LPO does by default, `optimize.lpo.lrm_timestep: parent`),
   ``lrm_child`` the LRM at the child's t, and ``x0hat_judge`` the judge itself on the decoded one-step
   prediction x0-hat of the child (one more base U-Net pass): a look-ahead oracle of the child's current
   state, i.e. roughly the best any reward of the state alone (latent or pixel, SPO's kind) could do;

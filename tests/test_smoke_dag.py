@@ -24,10 +24,12 @@ def test_smoke_dag_runs_end_to_end(repo_root, tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     res = wf / "results" / "smoke"
     report = (res / "report.md").read_text()
-    for model in ("base", "lpo", "spo", "dpo"):
+    for model in ("base", "lpo", "spo", "dpo", "grpo"):
         metrics = json.loads((res / "eval" / model / "metrics.json").read_text())
         assert metrics["metrics"], model
         assert model in report
+    grpo = json.loads((res / "optimize" / "grpo" / "summary.json").read_text())
+    assert grpo["method"] == "grpo" and grpo["tuples_trained"] > 0 and "kl" in grpo["history"][-1]
     assert (res / "lrm" / "accuracy_by_t.png").stat().st_size > 0
     assert (res / "calibration" / "thresholds.json").exists()
     # every rule left its log and its benchmark

@@ -181,7 +181,7 @@ def score_timestep(t: int, t_prev: int, which: str) -> int:
         return t
     if which == "child":
         return max(t_prev, 0)
-    raise ValueError(f"optimize.lrm_timestep must be 'parent' or 'child', got {which!r}")
+    raise ValueError(f"lrm_timestep (optimize.lpo, optimize.grpo) must be 'parent' or 'child', got {which!r}")
 
 
 def timestep_bucket(t: int, num_train_timesteps: int, num_buckets: int = NUM_BUCKETS) -> str:

@@ -8,7 +8,7 @@ docs/design.md "Threshold calibration", docs/method.md section 3 (step 2d and th
     sigmas               DDIM sigma of each step (eta = optimize.eta)
     thresholds           th(t): a step's best/worst pair is kept iff pair_gap = tanh((S_w - S_l)/2) > th(t);
                          null = no threshold (rollout mode found none; never kept, the step is untrainable),
-                         the format lpo.methods.lpo.read_thresholds reads
+                         the format lpo.methods.engine.read_thresholds reads
     trainable            False where LPO must not train: the LRM's held-out accuracy at the nearest evaluated t
                          has a 95% lower bound <= 0.5 + calibrate.chance_margin (a blind judge picks noise
                          pairs), or, in rollout mode, no threshold reaches calibrate.precision
