@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from lpo.config import Config, ConfigError, load_config
 from lpo.utils import setup_logging
@@ -98,9 +98,3 @@ def stage_main(
         print(json.dumps(shown, default=str))
     return 0
 
-
-def optional_path(value: Optional[str]) -> Any:
-    """An optional path argument as a Path (None stays None)."""
-    from pathlib import Path
-
-    return None if value is None else Path(value)

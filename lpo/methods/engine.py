@@ -33,6 +33,7 @@ from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from lpo.backbones import PromptEmbeds, load_scheduler
+from lpo.reward.lrm import check_lrm_dir
 from lpo.config import Config, ConfigError, OptimizeConfig, check_minimums
 from lpo.branching import BranchStep, branching_steps, now
 from lpo.diffusion import StepSplit, cfg_noise_pred, ddim_sigmas, ddim_step_split, ddim_timesteps, step_log_prob
@@ -762,8 +763,7 @@ def check_lrm_inputs(cfg: Config, inputs: MethodInputs, method: str) -> StepPlan
     check_step_config(cfg.optimize)
     if inputs.lrm_dir is None:
         raise ConfigError(f"optimize: --lrm is required for method {method} (the train_lrm output folder)")
-    if not (Path(inputs.lrm_dir) / "lrm_config.json").is_file():
-        raise ConfigError(f"{inputs.lrm_dir}: not an LRM folder (no lrm_config.json; run the train_lrm rule first)")
+    check_lrm_dir(inputs.lrm_dir)
     table = read_thresholds(inputs.thresholds, method)
     plan = step_plan(table, load_scheduler(inputs.base_dir), cfg.optimize)
     if not any(plan.train):
